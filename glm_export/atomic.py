@@ -1,0 +1,71 @@
+"""Atomic outputs: an interrupted command never leaves a file or directory that looks complete.
+
+Everything is written under a hidden temporary name next to the target and renamed into place only when
+it is whole (``os.replace`` is atomic within a filesystem). A killed process leaves at most a
+``.NAME.partial-*`` directory, which the next run of the same command removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty staging directory that becomes ``target`` when the block finishes without error.
+
+    ``target`` must not exist unless ``overwrite``; then the old directory is replaced only after the new
+    one is complete, so a failed run keeps the previous good output.
+    """
+    target = Path(target).absolute()
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"{target} already exists: choose another output or pass --overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    staging.chmod(0o755)  # mkdtemp makes it 0700
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for f in staging.rglob("*"):
+        if f.is_file():
+            f.chmod(0o644)  # some writers (mkstemp, safetensors) create 0600 files
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)

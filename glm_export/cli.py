@@ -1,0 +1,127 @@
+"""``glm-export``: the command line. Validates input at the edge and turns known errors into one clear line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from enum import Enum
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from glm_export.progress import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="GLM-4 checkpoints to ONNX, quantized graphs and TensorRT engines.")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Preset(str, Enum):
+    tiny = "tiny"
+    glm_4_9b_2layer = "glm-4-9b-2layer"
+    glm_4_9b = "glm-4-9b"
+
+
+class Layout(str, Enum):
+    chatglm = "chatglm"
+    hf = "hf"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp8 = "fp8"
+    int8 = "int8"
+    int4 = "int4"
+
+
+def friendly_errors(fn: F) -> F:
+    """Known error types become one red line and exit code 1 instead of a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from glm_export.atomic import OutputExistsError
+        from glm_export.build import BuildError
+        from glm_export.checkpoint import CheckpointError
+        from glm_runtime.config import ConfigError
+        from glm_runtime.manifest import ArtifactError
+
+        try:
+            return fn(*args, **kwargs)
+        except (CheckpointError, ConfigError, ArtifactError, OutputExistsError, FileNotFoundError, BuildError) as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command("random-model")
+@friendly_errors
+def random_model(
+    out: Annotated[Path, typer.Argument(help="Directory to write the checkpoint to.")],
+    preset: Annotated[Preset, typer.Option(help="Shapes: tiny (tests), glm-4-9b-2layer (3.3 GB), glm-4-9b (18.8 GB).")] = Preset.tiny,
+    layout: Annotated[Layout, typer.Option(help="Tensor names: chatglm (THUDM original) or hf (transformers GlmForCausalLM).")] = Layout.chatglm,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same weights in both layouts.")] = 0,
+    tokenizer_from: Annotated[Path | None, typer.Option(help="Copy tokenizer.model / tokenizer_config.json from this directory (e.g. a real GLM-4 checkpoint) instead of the built-in tokenizer.")] = None,
+    no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Write no tokenizer files (a checkpoint usable from token ids only).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Write a GLM-4 checkpoint in the real format with random weights."""
+    from glm_export.random_model import write_random_model
+
+    if tokenizer_from is not None and no_tokenizer:
+        raise typer.BadParameter("--tokenizer-from and --no-tokenizer contradict each other")
+    path = write_random_model(out, preset.value, layout.value, seed, tokenizer_from=tokenizer_from,
+                              builtin_tokenizer=not no_tokenizer, overwrite=overwrite)
+    console.print(f"wrote {preset.value} checkpoint ({layout.value} layout, seed {seed}) to {path}")
+
+
+@app.command("export")
+@friendly_errors
+def export(
+    model: Annotated[Path | None, typer.Argument(help="Checkpoint directory; the built-in tiny model when omitted.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create.")] = Path("glm4-onnx"),
+    dtype: Annotated[DType, typer.Option(help="Weight/activation dtype of the graph (float32 runs on ONNX Runtime CPU).")] = DType.float32,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")] = False,
+) -> None:
+    """Export a GLM-4 checkpoint to ONNX with KV-cache inputs/outputs, manifest and tokenizer files."""
+    from glm_export.builtin import resolve_model
+    from glm_export.export import export_onnx
+
+    export_onnx(resolve_model(model), out, dtype.value, overwrite=overwrite)
+
+
+@app.command("build")
+@friendly_errors
+def build(
+    model: Annotated[Path | None, typer.Argument(help="Checkpoint directory; the built-in tiny model when omitted.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create.")] = Path("glm4-artifact"),
+    precision: Annotated[Precision, typer.Option(help="Numeric precision of the artifact.")] = Precision.fp32,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")] = False,
+    validate: Annotated[bool, typer.Option(help="Compare the ONNX Runtime run with PyTorch after building.")] = True,
+) -> None:
+    """Export, (quantize), build engines and validate: the whole pipeline into one artifact directory."""
+    from glm_export.build import build_artifact
+
+    build_artifact(model, out, precision.value, overwrite=overwrite, validate=validate)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
