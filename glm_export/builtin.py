@@ -16,8 +16,9 @@ BUILTIN_SEED = 0
 
 
 def cache_root() -> Path:
-    root = os.environ.get("GLM_EXPORT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glm-export"
-    return Path(root)
+    if os.environ.get("GLM_EXPORT_CACHE"):
+        return Path(os.environ["GLM_EXPORT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glm-export"
 
 
 def builtin_model_dir() -> Path:

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from glm_runtime.config import ModelConfig
+from safetensors import safe_open
 
 # canonical name template -> per layout, the checkpoint names whose rows are concatenated to form it.
 LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -115,7 +114,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: {size} bytes, too short to be a safetensors file")
         (n,) = struct.unpack("<Q", raw)
         if n > min(size - 8, 100_000_000):
-            raise CheckpointError(f"{path}: header length {n} exceeds the file ({size} bytes): truncated or not safetensors")
+            raise CheckpointError(
+                f"{path}: header length {n} exceeds the file ({size} bytes): truncated or not safetensors"
+            )
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -183,7 +184,8 @@ class Checkpoint:
         return tensors
 
     def _detect_layout(self) -> str:
-        hits = {lay: sum(n.startswith(p) for n in self.tensors) for lay, p in (("chatglm", "transformer."), ("hf", "model."))}
+        prefixes = (("chatglm", "transformer."), ("hf", "model."))
+        hits = {lay: sum(n.startswith(p) for n in self.tensors) for lay, p in prefixes}
         return max(hits, key=hits.__getitem__) if any(hits.values()) else self.config.layout
 
     def validate(self) -> None:

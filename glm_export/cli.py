@@ -19,6 +19,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+MODEL_HELP = "Checkpoint directory; the built-in tiny model when omitted."
+PRESET_HELP = "Shapes: tiny (tests), glm-4-9b-2layer (3.3 GB), glm-4-9b (18.8 GB)."
+LAYOUT_HELP = "Tensor names: chatglm (THUDM original) or hf (transformers GlmForCausalLM)."
+TOKENIZER_FROM_HELP = ("Copy tokenizer.model / tokenizer_config.json from this directory (e.g. a real GLM-4 "
+                       "checkpoint) instead of writing the built-in tokenizer.")
+NO_TOKENIZER_HELP = "Write no tokenizer files (a checkpoint usable from token ids only)."
+DTYPE_HELP = "Weight/activation dtype of the graph (float32 runs on ONNX Runtime CPU)."
+OVERWRITE_HELP = "Replace OUT if it exists (only once the new one is complete)."
+
 
 class Preset(str, Enum):
     tiny = "tiny"
@@ -51,16 +60,17 @@ def friendly_errors(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from glm_runtime.config import ConfigError
+        from glm_runtime.manifest import ArtifactError
+
         from glm_export.atomic import OutputExistsError
         from glm_export.build import BuildError
         from glm_export.checkpoint import CheckpointError
-        from glm_runtime.config import ConfigError
-        from glm_runtime.manifest import ArtifactError
 
         try:
             return fn(*args, **kwargs)
         except (CheckpointError, ConfigError, ArtifactError, OutputExistsError, FileNotFoundError, BuildError) as e:
-            console.print(f"[bold red]error:[/] {e}")
+            console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -76,11 +86,11 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 @friendly_errors
 def random_model(
     out: Annotated[Path, typer.Argument(help="Directory to write the checkpoint to.")],
-    preset: Annotated[Preset, typer.Option(help="Shapes: tiny (tests), glm-4-9b-2layer (3.3 GB), glm-4-9b (18.8 GB).")] = Preset.tiny,
-    layout: Annotated[Layout, typer.Option(help="Tensor names: chatglm (THUDM original) or hf (transformers GlmForCausalLM).")] = Layout.chatglm,
+    preset: Annotated[Preset, typer.Option(help=PRESET_HELP)] = Preset.tiny,
+    layout: Annotated[Layout, typer.Option(help=LAYOUT_HELP)] = Layout.chatglm,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same weights in both layouts.")] = 0,
-    tokenizer_from: Annotated[Path | None, typer.Option(help="Copy tokenizer.model / tokenizer_config.json from this directory (e.g. a real GLM-4 checkpoint) instead of the built-in tokenizer.")] = None,
-    no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Write no tokenizer files (a checkpoint usable from token ids only).")] = False,
+    tokenizer_from: Annotated[Path | None, typer.Option(help=TOKENIZER_FROM_HELP)] = None,
+    no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help=NO_TOKENIZER_HELP)] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Write a GLM-4 checkpoint in the real format with random weights."""
@@ -96,10 +106,10 @@ def random_model(
 @app.command("export")
 @friendly_errors
 def export(
-    model: Annotated[Path | None, typer.Argument(help="Checkpoint directory; the built-in tiny model when omitted.")] = None,
+    model: Annotated[Path | None, typer.Argument(help=MODEL_HELP)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create.")] = Path("glm4-onnx"),
-    dtype: Annotated[DType, typer.Option(help="Weight/activation dtype of the graph (float32 runs on ONNX Runtime CPU).")] = DType.float32,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")] = False,
+    dtype: Annotated[DType, typer.Option(help=DTYPE_HELP)] = DType.float32,
+    overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Export a GLM-4 checkpoint to ONNX with KV-cache inputs/outputs, manifest and tokenizer files."""
     from glm_export.builtin import resolve_model
@@ -111,11 +121,11 @@ def export(
 @app.command("build")
 @friendly_errors
 def build(
-    model: Annotated[Path | None, typer.Argument(help="Checkpoint directory; the built-in tiny model when omitted.")] = None,
+    model: Annotated[Path | None, typer.Argument(help=MODEL_HELP)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create.")] = Path("glm4-artifact"),
     precision: Annotated[Precision, typer.Option(help="Numeric precision of the artifact.")] = Precision.fp32,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")] = False,
-    validate: Annotated[bool, typer.Option(help="Compare the ONNX Runtime run with PyTorch after building.")] = True,
+    overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+    validate: Annotated[bool, typer.Option(help="Compare ONNX Runtime with PyTorch after building.")] = True,
 ) -> None:
     """Export, (quantize), build engines and validate: the whole pipeline into one artifact directory."""
     from glm_export.build import build_artifact

@@ -20,6 +20,7 @@ import json
 import logging
 import platform
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
+from glm_runtime import manifest as mf
+from glm_runtime.config import ModelConfig
 
 import glm_export
 from glm_export import atomic
 from glm_export.checkpoint import Checkpoint
 from glm_export.model import GLM4, is_matmul_weight, torch_dtype
 from glm_export.progress import bytes_progress, console
-from glm_runtime import manifest as mf
-from glm_runtime.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,10 @@ def trace(ckpt: Checkpoint, dtype: torch.dtype) -> ir.Model:
     seq = {0: "batch", 1: "seq"}
     cache = tuple({0: "batch", 2: "cache_len"} for _ in range(2 * ckpt.config.num_layers))
     dynamic_shapes = (seq, seq, {0: "batch", 1: "num_logits"}, cache)
-    with torch.no_grad():
+    # The exporter warns about torchvision ops and torch-internal deprecations: noise for our users.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         program = torch.onnx.export(
             model, args, dynamo=True, opset_version=OPSET, input_names=inputs, output_names=outputs,
             dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,

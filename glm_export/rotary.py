@@ -15,7 +15,6 @@ computing them in-graph from ``position_ids`` avoids a ``max_position x rotary_d
 from __future__ import annotations
 
 import torch
-
 from glm_runtime.config import ModelConfig
 
 
@@ -25,7 +24,9 @@ def inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return 1.0 / (cfg.rope_base**exponents)
 
 
-def cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape ``[batch, seq, rotary_dim/2]`` for the given positions, computed in fp32."""
     angles = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq
     return angles.cos().to(dtype), angles.sin().to(dtype)

@@ -28,7 +28,8 @@ class OrtGraph:
         opts.log_severity_level = 3  # TensorScatter warns about copying when not IO-bound
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(Path(artifact) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        path = str(Path(artifact) / "model.onnx")
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.cache_dtype = np.dtype({"tensor(float)": "float32", "tensor(float16)": "float16"}.get(
             self.session.get_inputs()[3].type, "float32"))

@@ -82,7 +82,8 @@ def _edit_shard(small: Path, edit) -> None:
 def test_missing_unexpected_and_misshapen_are_listed_together(small: Path) -> None:
     def edit(t: dict[str, torch.Tensor]) -> None:
         del t["transformer.encoder.layers.0.self_attention.query_key_value.bias"]
-        t["transformer.encoder.layers.0.self_attention.query_key_value.weight"] = torch.zeros(3, 3, dtype=torch.bfloat16)
+        qkv = "transformer.encoder.layers.0.self_attention.query_key_value.weight"
+        t[qkv] = torch.zeros(3, 3, dtype=torch.bfloat16)
         t["transformer.encoder.layers.0.surprise.weight"] = torch.zeros(2, dtype=torch.bfloat16)
 
     _edit_shard(small, edit)
@@ -124,5 +125,5 @@ def test_index_entry_missing_and_shard_missing(small: Path) -> None:
 
 def test_no_weights_at_all(tmp_path: Path, small: Path) -> None:
     shutil.copy(small / "config.json", tmp_path / "config.json")
-    with pytest.raises(CheckpointError, match="no model.safetensors.index.json or model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors\.index\.json or model\.safetensors"):
         Checkpoint(tmp_path)

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from glm_runtime.config import ConfigError, ModelConfig
 
 from glm_export.random_model import PRESETS, hf_config
-from glm_runtime.config import ConfigError, ModelConfig
 from tests.conftest import REFERENCE_MODELS
 
 # Numbers from ../shared/docs/glm4-model.md's variant table, stated independently of the files.
@@ -39,7 +39,8 @@ def test_kv_bytes_per_token(reference_dir: Path) -> None:
 
 def test_param_count(reference_dir: Path) -> None:
     cfg = ModelConfig.from_pretrained(reference_dir / "glm-4-9b-chat")
-    total = json.loads((reference_dir / "glm-4-9b-chat" / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    index = reference_dir / "glm-4-9b-chat" / "model.safetensors.index.json"
+    total = json.loads(index.read_text())["metadata"]["total_size"]
     # bf16: 2 bytes each; the index's total also counts the stored 32-float inv_freq (64 bytes).
     assert 2 * cfg.num_parameters() + 64 == total
 
@@ -87,5 +88,5 @@ def test_invalid_sizes_are_refused() -> None:
 
 
 def test_missing_config_json(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="config.json not found"):
+    with pytest.raises(ConfigError, match=r"config\.json not found"):
         ModelConfig.from_pretrained(tmp_path)

@@ -1,0 +1,66 @@
+"""The glm-export command line: random-model, build on the built-in model, and its errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from glm_runtime.config import ModelConfig
+from glm_runtime.manifest import read_manifest
+from typer.testing import CliRunner
+
+from glm_export.cli import app
+
+runner = CliRunner()
+
+
+def test_random_model_hf_layout(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    r = runner.invoke(app, ["random-model", str(out), "--preset", "tiny", "--layout", "hf", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    hf = json.loads((out / "config.json").read_text())
+    assert hf["model_type"] == "glm" and ModelConfig.from_pretrained(out).vocab_size == 151552
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert "model.layers.1.self_attn.k_proj.weight" in index["weight_map"]
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [151329, 151336, 151338]
+    # the built-in tokenizer keeps GLM-4's rank count, so the special tokens keep their real ids
+    assert sum(1 for _ in open(out / "tokenizer.model", "rb")) == 151329
+    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+
+
+def test_random_model_with_real_tokenizer(tmp_path: Path, chat_reference: Path) -> None:
+    out = tmp_path / "m"
+    r = runner.invoke(app, ["random-model", str(out), "--tokenizer-from", str(chat_reference)])
+    assert r.exit_code == 0, r.output
+    assert (out / "tokenizer.model").read_bytes() == (chat_reference / "tokenizer.model").read_bytes()
+
+
+def test_random_model_refuses_existing_output(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    r = runner.invoke(app, ["random-model", str(tmp_path / "m"), "--no-tokenizer"])
+    assert r.exit_code == 1 and "already exists" in r.output
+
+
+def test_build_without_a_model_uses_the_builtin_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLM_EXPORT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    r = runner.invoke(app, ["build", "--precision", "fp32", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = read_manifest(out)
+    assert manifest["model"]["hidden_size"] == 64 and manifest["backend"] == "onnxruntime"
+    report = json.loads((out / "report.json").read_text())
+    assert report["validation"]["status"] == "ok" and report["validation"]["max_abs"] < 1e-4
+    assert "greedy tokens identical" in (out / "report.md").read_text()
+    assert (tmp_path / "cache" / "builtin-tiny-v1" / "tokenizer.model").is_file()
+
+
+def test_build_quantized_precision_is_a_clear_error(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["build", str(tmp_path), "--precision", "int8", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "--precision int8 is not implemented" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_precision_is_rejected_by_the_cli(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["build", "--precision", "int3", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "int3" in r.output
