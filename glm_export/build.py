@@ -17,6 +17,7 @@ import torch
 from glm_export import atomic
 from glm_export.builtin import resolve_model
 from glm_export.checkpoint import Checkpoint, load_model
+from glm_export.engine import EngineSpec, build_engine, check_engine, choose_backend
 from glm_export.export import export_into, write_manifest
 from glm_export.progress import console
 from glm_export.quantize import QUANTIZED_PRECISIONS, QuantOptions, check_options, quantize_into
@@ -31,11 +32,28 @@ class BuildError(RuntimeError):
     pass
 
 
+def pick_backend(requested: str | None, precision: str) -> tuple[str, str]:
+    """``choose_backend``, except that an automatic choice never lands fp32 on TensorRT (no fp32 attention)."""
+    backend, why = choose_backend(requested)
+    if requested is None and precision == "fp32" and backend != "onnxruntime":
+        return "onnxruntime", f"fp32 runs on ONNX Runtime (TensorRT has no fp32 attention; {backend} needs fp16, " \
+                              "bf16 or a quantized precision)"
+    return backend, why
+
+
 def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overwrite: bool = False,
-                   validate: bool = True, quant: QuantOptions | None = None) -> dict[str, Any]:
+                   validate: bool = True, quant: QuantOptions | None = None, backend: str | None = None,
+                   engine: EngineSpec | None = None) -> dict[str, Any]:
+    """The whole pipeline; ``backend=None`` picks one (and says which and why)."""
     if precision not in FLOAT_PRECISIONS and precision not in QUANTIZED_PRECISIONS:
         raise BuildError(f"unknown precision {precision!r}: choose one of "
                          f"{', '.join([*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS])}")
+    backend, why = pick_backend(backend, precision)
+    console.print(f"backend: {backend} ({why})")
+    spec = None
+    if backend != "onnxruntime":
+        base = engine or EngineSpec(backend=backend)
+        spec = EngineSpec(backend, base.max_batch, base.max_context, base.max_prefill, base.targets)
     quant = quant or QuantOptions()
     if precision in QUANTIZED_PRECISIONS:
         try:
@@ -43,20 +61,27 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
         except NotImplementedError as e:
             raise BuildError(str(e)) from None
     model_dir = resolve_model(model)
+    if spec is not None:
+        spec.check(precision, Checkpoint(model_dir).config.max_position)
     t0 = time.perf_counter()
     with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
         # Quantized graphs start from the fp32 graph (ONNX Runtime CPU runs it; Q/DQ carry the precision).
         manifest = export_into(model_dir, tmp, FLOAT_PRECISIONS.get(precision, "float32"))
+        manifest["backend"] = backend
         report: dict[str, Any] = {"precision": precision, "validation": None}
         if precision in QUANTIZED_PRECISIONS:
             report["quantization"] = quantize_into(model_dir, tmp, precision, quant)
             manifest["precision"] = precision
         if validate:
             report["validation"] = validate_artifact(model_dir, tmp, precision)
+        if spec is not None:
+            entry = build_engine(tmp, spec, precision, manifest["model"]["max_position"])
+            entry["check"] = check_engine(tmp, entry)
+            manifest["engines"] = [entry]
+            report["engine"] = entry
         report["build_s"] = round(time.perf_counter() - t0, 2)
         atomic.write_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
         atomic.write_text(tmp / "report.md", report_markdown(report))
-        manifest["backend"] = "onnxruntime"
         write_manifest(tmp, manifest)
     console.print(f"[green]built[/] {out} ({precision}) in {time.perf_counter() - t0:.1f} s")
     return manifest
@@ -114,5 +139,14 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"| {v['prefill_max_abs']:.3g} | {max(v['decode_max_abs']):.3g} | {v['greedy_match']} "
             f"({v['greedy_tokens']} per sequence) |",
         ]
+    e = report.get("engine")
+    if e:
+        check = e["check"]
+        ran = ("Its logits could not be compared with ONNX Runtime here: no GPU on the build host, so the "
+               "engine was built ahead of time and has not run.") if not check.get("gpu_checked") else ""
+        lines += ["", f"Engine: {e['flavour']} {e['version']}, {e['precision']}, targets {', '.join(e['targets'])}, "
+                  f"{e['bytes'] / 1e6:.1f} MB, built in {e['build_s']} s. Header check: "
+                  f"{'well-formed' if check.get('well_formed') else 'INVALID'} "
+                  f"(diagnostics: {', '.join(check.get('diagnostics', [])) or 'none'}). {ran}"]
     lines += ["", f"Build time: {report['build_s']} s.", ""]
     return "\n".join(lines)

@@ -27,6 +27,12 @@ TOKENIZER_FROM_HELP = ("Copy tokenizer.model / tokenizer_config.json from this d
 NO_TOKENIZER_HELP = "Write no tokenizer files (a checkpoint usable from token ids only)."
 DTYPE_HELP = "Weight/activation dtype of the graph (float32 runs on ONNX Runtime CPU)."
 OVERWRITE_HELP = "Replace OUT if it exists (only once the new one is complete)."
+BACKEND_HELP = ("Engine backend. Default: tensorrt with a GPU, else tensorrt-rtx when installed, else onnxruntime "
+                "(fp32 always runs on onnxruntime).")
+MAX_BATCH_HELP = "Largest batch the TensorRT engine accepts."
+MAX_CONTEXT_HELP = "KV-cache length the TensorRT engine is built for (prompt + new tokens)."
+MAX_PREFILL_HELP = "Longest prefill chunk of the TensorRT engine's prefill profile."
+TARGET_HELP = "Compute capability to build for (TensorRT-RTX ahead-of-time), repeatable: 8.6, 8.9, 12.0 ..."
 
 
 class Preset(str, Enum):
@@ -44,6 +50,12 @@ class DType(str, Enum):
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"
+
+
+class Backend(str, Enum):
+    tensorrt = "tensorrt"
+    tensorrt_rtx = "tensorrt-rtx"
+    onnxruntime = "onnxruntime"
 
 
 class Precision(str, Enum):
@@ -66,10 +78,12 @@ def friendly_errors(fn: F) -> F:
         from glm_export.atomic import OutputExistsError
         from glm_export.build import BuildError
         from glm_export.checkpoint import CheckpointError
+        from glm_export.engine import EngineError
 
         try:
             return fn(*args, **kwargs)
-        except (CheckpointError, ConfigError, ArtifactError, OutputExistsError, FileNotFoundError, BuildError) as e:
+        except (CheckpointError, ConfigError, ArtifactError, OutputExistsError, FileNotFoundError, BuildError,
+                EngineError) as e:
             console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None
 
@@ -126,11 +140,47 @@ def build(
     precision: Annotated[Precision, typer.Option(help="Numeric precision of the artifact.")] = Precision.fp32,
     overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
     validate: Annotated[bool, typer.Option(help="Compare ONNX Runtime with PyTorch after building.")] = True,
+    backend: Annotated[Backend | None, typer.Option(help=BACKEND_HELP)] = None,
+    max_batch: Annotated[int, typer.Option(help=MAX_BATCH_HELP, min=1)] = 1,
+    max_context: Annotated[int, typer.Option(help=MAX_CONTEXT_HELP, min=2)] = 4096,
+    max_prefill: Annotated[int, typer.Option(help=MAX_PREFILL_HELP, min=1)] = 512,
+    target: Annotated[list[str] | None, typer.Option(help=TARGET_HELP)] = None,
 ) -> None:
     """Export, (quantize), build engines and validate: the whole pipeline into one artifact directory."""
     from glm_export.build import build_artifact
+    from glm_export.engine import EngineSpec
 
-    build_artifact(model, out, precision.value, overwrite=overwrite, validate=validate)
+    spec = EngineSpec("auto", max_batch, max_context, max_prefill, tuple(target or ()))
+    build_artifact(model, out, precision.value, overwrite=overwrite, validate=validate,
+                   backend=backend.value if backend else None, engine=spec)
+
+
+@app.command("engine")
+@friendly_errors
+def engine(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory made by glm-export build / export.")],
+    backend: Annotated[Backend, typer.Option(help="tensorrt (on the GPU host) or tensorrt-rtx.")] = Backend.tensorrt,
+    max_batch: Annotated[int, typer.Option(help=MAX_BATCH_HELP, min=1)] = 1,
+    max_context: Annotated[int, typer.Option(help=MAX_CONTEXT_HELP, min=2)] = 4096,
+    max_prefill: Annotated[int, typer.Option(help=MAX_PREFILL_HELP, min=1)] = 512,
+    target: Annotated[list[str] | None, typer.Option(help=TARGET_HELP)] = None,
+) -> None:
+    """(Re)build only the TensorRT engine of an artifact, e.g. on the GPU host it will run on."""
+    from glm_runtime.manifest import read_manifest
+
+    from glm_export.engine import EngineError, EngineSpec, build_engine, check_engine, choose_backend, describe
+
+    if backend is Backend.onnxruntime:
+        raise EngineError("onnxruntime needs no engine: the artifact's model.onnx is what it runs")
+    choose_backend(backend.value)  # clear error when not installed
+    manifest = read_manifest(artifact, verify="size")
+    spec = EngineSpec(backend.value, max_batch, max_context, max_prefill, tuple(target or ()))
+    entry = build_engine(artifact, spec, manifest["precision"], manifest["model"]["max_position"])
+    entry["check"] = check_engine(artifact, entry)
+    from glm_export.engine import update_manifest_engines
+
+    update_manifest_engines(artifact, entry)
+    console.print(f"engine: {describe(entry)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

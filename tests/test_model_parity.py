@@ -18,6 +18,7 @@ from glm_export.random_model import PRESETS, write_random_model
 from tests.conftest import TEST_STD
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 
 # Real GLM-4 head geometry (head_dim 128, 2 groups, rotary 64, rope_ratio 500), small otherwise.
 HEAD128 = dataclasses.replace(PRESETS["tiny"], hidden_size=512, num_heads=4, num_kv_heads=2, head_dim=128,

@@ -1,0 +1,294 @@
+"""TensorRT engines from the artifact's ONNX graph, written once for ``tensorrt`` and TensorRT for RTX.
+
+Both flavours share the builder surface used here (Builder, OnnxParser, optimization profiles,
+``build_serialized_network``, timing caches, progress monitors); TensorRT for RTX
+(``tensorrt_rtx_bindings``) installs from PyPI and builds ahead-of-time on a machine without a GPU, which is
+how CI builds real engines. Facts this module encodes (see ``docs/engines.md``):
+
+- TensorRT's KV-cache update (what ONNX ``TensorScatter`` becomes) needs a *static* cache length, so the
+  graph's ``cache_len`` is pinned to ``max_context`` before parsing; ONNX Runtime keeps it symbolic.
+- TensorRT has no fused fp32 attention: engines are built from fp16 / bf16 graphs (quantized graphs carry
+  their precision in Q/DQ nodes; the network is explicitly typed from the graph).
+- Two optimization profiles: 0 = decode (one token per sequence), 1 = prefill (up to ``max_prefill``
+  tokens). The runtime picks the profile per step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import onnx
+from glm_runtime import manifest as mf
+
+from glm_export import atomic
+from glm_export.progress import console, count_progress
+
+BACKENDS = ("tensorrt", "tensorrt-rtx", "onnxruntime")
+MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx_bindings"}
+ENGINE_FILE = "model.engine"
+TIMING_CACHE = "timing.cache"
+# TensorRT-RTX ahead-of-time targets (compute capability -> enum name); FP8 needs Ada (8.9) or newer.
+log = logging.getLogger(__name__)
+RTX_TARGETS = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
+FP8_MIN_CC = 8.9
+
+
+class EngineError(RuntimeError):
+    """An engine that cannot be built or used here; the message says what to run instead."""
+
+
+def gpu_present() -> bool:
+    """Whether an NVIDIA GPU is visible (driver loaded), without importing CUDA libraries."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
+
+
+def installed(backend: str) -> bool:
+    return backend == "onnxruntime" or importlib.util.find_spec(MODULES[backend]) is not None
+
+
+def choose_backend(requested: str | None) -> tuple[str, str]:
+    """The backend to build for and why: TensorRT with a GPU, else TensorRT-RTX when installed, else ORT."""
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise EngineError(f"unknown backend {requested!r}: choose one of {', '.join(BACKENDS)}")
+        if not installed(requested):
+            hint = {"tensorrt": "install TensorRT for your GPU (pip install tensorrt, on the GPU host)",
+                    "tensorrt-rtx": "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings"}[requested]
+            raise EngineError(f"backend {requested} is not installed: {hint}, or use --backend onnxruntime")
+        return requested, "requested with --backend"
+    if installed("tensorrt") and gpu_present():
+        return "tensorrt", "TensorRT and an NVIDIA GPU are present"
+    if installed("tensorrt-rtx"):
+        why = "no GPU" if not gpu_present() else "data-centre TensorRT is not installed"
+        return "tensorrt-rtx", f"TensorRT for RTX is installed ({why}: ahead-of-time build)"
+    return "onnxruntime", "no TensorRT installed: the ONNX graph runs in ONNX Runtime"
+
+
+def import_trt(backend: str) -> ModuleType:
+    try:
+        return importlib.import_module(MODULES[backend])
+    except ImportError as e:
+        raise EngineError(f"cannot import {MODULES[backend]} for backend {backend}: {e}") from e
+
+
+# Messages TensorRT prints that are expected here and say nothing to the user: the int64 inputs are bound as
+# int64 by our runtime, and without a GPU the validity check cannot read GPU properties (we report that).
+_EXPECTED = ("has Int64 binding", "Error reading CUDA GPU properties")
+_LOGGERS: dict[str, Any] = {}
+
+
+def trt_logger(trt: ModuleType) -> Any:
+    """One logger per TensorRT module (TensorRT keeps the first it sees), routed to Python logging."""
+    key = trt.__name__
+    if key not in _LOGGERS:
+        levels = {trt.ILogger.INTERNAL_ERROR: logging.CRITICAL, trt.ILogger.ERROR: logging.ERROR,
+                  trt.ILogger.WARNING: logging.WARNING, trt.ILogger.INFO: logging.DEBUG,
+                  trt.ILogger.VERBOSE: logging.DEBUG}
+
+        class Logger(trt.ILogger):  # type: ignore[misc,name-defined]
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+
+            def log(self, severity: Any, msg: str) -> None:
+                level = logging.DEBUG if any(e in msg for e in _EXPECTED) else levels.get(severity, logging.INFO)
+                log.log(level, "%s: %s", key, msg)
+
+        _LOGGERS[key] = Logger()
+    return _LOGGERS[key]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    backend: str
+    max_batch: int = 1
+    max_context: int = 4096
+    max_prefill: int = 512
+    targets: tuple[str, ...] = ()  # compute capabilities ("8.9", ...); empty = flavour default
+
+    def check(self, precision: str, model_max: int) -> None:
+        problems = []
+        if self.max_batch < 1:
+            problems.append(f"--max-batch must be >= 1 (got {self.max_batch})")
+        if not 2 <= self.max_context <= model_max:
+            problems.append(f"--max-context must be between 2 and the model's {model_max} (got {self.max_context})")
+        if not 1 <= self.max_prefill <= self.max_context:
+            problems.append(f"--max-prefill must be between 1 and --max-context (got {self.max_prefill})")
+        unknown = [t for t in self.targets if t not in RTX_TARGETS]
+        if unknown and self.backend == "tensorrt-rtx":
+            problems.append(f"unknown --target {unknown}: TensorRT-RTX targets {', '.join(RTX_TARGETS)}")
+        if precision == "fp32":
+            problems.append("TensorRT has no fused fp32 attention: build the engine with --precision fp16 or bf16 "
+                            "(or use --backend onnxruntime for fp32)")
+        if precision == "fp8":
+            low = [t for t in self.targets if float(t) < FP8_MIN_CC]
+            if low:
+                problems.append(f"FP8 needs compute capability >= {FP8_MIN_CC} (Ada, Hopper, Blackwell); "
+                                f"--target {', '.join(low)} cannot run it: use --precision int8 or fp16")
+        if problems:
+            raise EngineError("; ".join(problems))
+
+
+class _Progress:
+    """Adapter from TensorRT's IProgressMonitor to a rich progress display (one bar per build phase)."""
+
+    def __init__(self, trt: ModuleType, progress: Any) -> None:
+        outer = self
+
+        class Monitor(trt.IProgressMonitor):  # type: ignore[misc,name-defined]
+            def __init__(self) -> None:
+                trt.IProgressMonitor.__init__(self)
+
+            def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+                outer.tasks[phase_name] = progress.add_task(f"  {phase_name}", total=max(num_steps, 1))
+
+            def step_complete(self, phase_name: str, step: int) -> bool:
+                if phase_name in outer.tasks:
+                    progress.update(outer.tasks[phase_name], completed=step + 1)
+                return True  # keep building
+
+            def phase_finish(self, phase_name: str) -> None:
+                if phase_name in outer.tasks:
+                    progress.remove_task(outer.tasks.pop(phase_name))
+
+        self.tasks: dict[str, Any] = {}
+        self.monitor = Monitor()
+
+
+def _pinned_graph(onnx_path: Path, max_context: int) -> bytes:
+    """The graph with ``cache_len`` fixed to ``max_context`` (weights stay external, read by the parser)."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name.startswith(("past_", "present_")):
+            dim = value.type.tensor_type.shape.dim[2]
+            dim.ClearField("dim_param")
+            dim.dim_value = max_context
+    return model.SerializeToString()
+
+
+def build_engine(artifact: Path, spec: EngineSpec, precision: str, model_max: int) -> dict[str, Any]:
+    """Build ``artifact/engine/<backend>/model.engine`` (atomically); return its manifest entry."""
+    spec.check(precision, model_max)
+    trt = import_trt(spec.backend)
+    out_dir = Path(artifact) / "engine" / spec.backend
+    t0 = time.perf_counter()
+    logger = trt_logger(trt)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        # Precision comes from the graph's dtypes and Q/DQ nodes, never from builder heuristics.
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    onnx_path = Path(artifact) / "model.onnx"
+    if not parser.parse(_pinned_graph(onnx_path, spec.max_context), str(onnx_path)):
+        errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"{spec.backend} could not parse {onnx_path}:\n  {errors}")
+    config = builder.create_builder_config()
+    profiles = []
+    for name, max_seq, opt_seq in (("decode", 1, 1), ("prefill", spec.max_prefill, min(spec.max_prefill, 128))):
+        profile, shapes = _profile(builder, network, spec, max_seq, opt_seq)
+        config.add_optimization_profile(profile)
+        profiles.append({"name": name, "shapes": shapes})
+    if spec.backend == "tensorrt-rtx":
+        targets = spec.targets or (("8.9", "12.0") if precision == "fp8" else ("8.6", "8.9", "12.0"))
+        config.num_compute_capabilities = len(targets)
+        for i, t in enumerate(targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, RTX_TARGETS[t]), i)
+    else:
+        targets = spec.targets or ("current GPU",)
+    cache_path = Path(artifact) / "engine" / TIMING_CACHE
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=True)
+    with count_progress() as progress:
+        monitor = _Progress(trt, progress)
+        config.progress_monitor = monitor.monitor
+        console.print(f"building {spec.backend} engine ({precision}, batch <= {spec.max_batch}, "
+                      f"context {spec.max_context}, targets {', '.join(targets)})")
+        serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(f"{spec.backend} failed to build the engine (see the TensorRT messages above)")
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / ENGINE_FILE).write_bytes(serialized)
+    atomic.write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(staging, out_dir)
+    return {
+        "backend": spec.backend,
+        "flavour": "TensorRT for RTX" if spec.backend == "tensorrt-rtx" else "TensorRT",
+        "version": trt.__version__,
+        "file": str((out_dir / ENGINE_FILE).relative_to(artifact)),
+        "bytes": (out_dir / ENGINE_FILE).stat().st_size,
+        "precision": precision,
+        "targets": list(targets),
+        "spec": asdict(spec),
+        "profiles": profiles,
+        "build_s": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _profile(builder: Any, network: Any, spec: EngineSpec, max_seq: int, opt_seq: int) -> tuple[Any, dict[str, Any]]:
+    b, c = spec.max_batch, spec.max_context
+    profile = builder.create_optimization_profile()
+    shapes: dict[str, Any] = {}
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        if t.name in ("input_ids", "position_ids"):
+            dims = [(1, 1), (1, opt_seq), (b, max_seq)]
+        elif t.name == "logits_index":
+            dims = [(1, 1), (1, 1), (b, max_seq)]
+        else:  # cache buffers: [batch, kv_heads, max_context, head_dim]
+            _, g, _, d = tuple(t.shape)
+            dims = [(1, g, c, d), (1, g, c, d), (b, g, c, d)]
+        profile.set_shape(t.name, *dims)
+        if not t.name.startswith("past_"):
+            shapes[t.name] = [list(x) for x in dims]
+    return profile, shapes
+
+
+def check_engine(artifact: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """Ask the engine's own runtime whether the file is a valid engine (header / validity API).
+
+    Without a GPU the check can only rule out a malformed or version-mismatched file; it says so.
+    """
+    trt = import_trt(entry["backend"])
+    runtime = trt.Runtime(trt_logger(trt))
+    data = (Path(artifact) / entry["file"]).read_bytes()
+    if not hasattr(runtime, "get_engine_validity"):
+        return {"checked": False, "reason": f"{entry['backend']} {trt.__version__} has no validity API"}
+    validity, diagnostics = runtime.get_engine_validity(data)
+    d = trt.EngineInvalidityDiagnostics
+    flags = {n: bool(diagnostics & int(getattr(d, n))) for n in
+             ("VERSION_MISMATCH", "UNSUPPORTED_CC", "OLD_CUDA_DRIVER", "OLD_CUDA_RUNTIME",
+              "INSUFFICIENT_GPU_MEMORY", "MALFORMED_ENGINE", "CUDA_ERROR")}
+    return {"checked": True, "validity": validity.name, "diagnostics": [n for n, on in flags.items() if on],
+            "well_formed": not (flags["MALFORMED_ENGINE"] or flags["VERSION_MISMATCH"]),
+            "gpu_checked": gpu_present()}
+
+
+def update_manifest_engines(artifact: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """Record ``entry`` in the manifest (replacing any engine of the same backend) and re-hash the files."""
+    from glm_export.export import write_manifest
+
+    manifest = mf.read_manifest(artifact, verify="none")
+    engines = [e for e in manifest.get("engines", []) if e["backend"] != entry["backend"]]
+    manifest["engines"] = [*engines, entry]
+    write_manifest(Path(artifact), manifest)
+    return manifest
+
+
+def describe(entry: dict[str, Any]) -> str:
+    return json.dumps({k: entry[k] for k in ("backend", "version", "precision", "targets", "bytes", "build_s")})

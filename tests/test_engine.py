@@ -1,0 +1,114 @@
+"""TensorRT engines built for real with TensorRT for RTX (ahead of time, no GPU needed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from glm_export import engine as engine_mod
+from glm_export.build import build_artifact, pick_backend
+from glm_export.cli import app
+from glm_export.engine import EngineError, EngineSpec, check_engine, choose_backend
+from glm_runtime.manifest import read_manifest
+
+trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT for RTX not installed (CI installs it)")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def fp16_engine_artifact(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    out = tmp_path_factory.mktemp("engine") / "tiny-fp16"
+    spec = EngineSpec("tensorrt-rtx", max_batch=2, max_context=256, max_prefill=64)
+    build_artifact(tiny_checkpoint, out, "fp16", backend="tensorrt-rtx", engine=spec)
+    return out
+
+
+def test_fp16_engine_is_built_and_recorded(fp16_engine_artifact: Path) -> None:
+    manifest = read_manifest(fp16_engine_artifact)
+    (entry,) = manifest["engines"]
+    assert entry["backend"] == "tensorrt-rtx" and entry["version"] == trt.__version__
+    assert entry["precision"] == "fp16" and entry["targets"] == ["8.6", "8.9", "12.0"]
+    assert entry["file"] in manifest["files"] and entry["bytes"] > 1e6
+    decode, prefill = entry["profiles"]
+    assert decode["shapes"]["input_ids"] == [[1, 1], [1, 1], [2, 1]]
+    assert prefill["shapes"]["input_ids"][2] == [2, 64]
+    assert entry["check"]["well_formed"] and "MALFORMED_ENGINE" not in entry["check"]["diagnostics"]
+    assert (fp16_engine_artifact / "engine" / "timing.cache").stat().st_size > 0
+    report = (fp16_engine_artifact / "report.md").read_text()
+    assert "TensorRT for RTX" in report and ("no GPU" in report or entry["check"]["gpu_checked"])
+
+
+def test_engine_deserializes_with_pinned_cache_length(fp16_engine_artifact: Path) -> None:
+    """The engine's own header check accepts it; its I/O has the cache length pinned to max_context."""
+    data = (fp16_engine_artifact / "engine" / "tensorrt-rtx" / "model.engine").read_bytes()
+    runtime = trt.Runtime(engine_mod.trt_logger(trt))
+    validity, diagnostics = runtime.get_engine_validity(data)
+    assert not diagnostics & int(trt.EngineInvalidityDiagnostics.MALFORMED_ENGINE)
+    assert not diagnostics & int(trt.EngineInvalidityDiagnostics.VERSION_MISMATCH)
+    if engine_mod.gpu_present():
+        engine = runtime.deserialize_cuda_engine(data)
+        assert tuple(engine.get_tensor_shape("past_key_0"))[2] == 256
+
+
+def test_corrupted_engine_is_detected(tmp_path: Path, fp16_engine_artifact: Path) -> None:
+    copy = tmp_path / "a"
+    shutil.copytree(fp16_engine_artifact, copy)
+    path = copy / "engine" / "tensorrt-rtx" / "model.engine"
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+    entry = read_manifest(fp16_engine_artifact)["engines"][0]
+    assert not check_engine(copy, entry)["well_formed"]
+
+
+def test_engine_command_rebuilds_for_another_context(tmp_path: Path, fp16_engine_artifact: Path) -> None:
+    copy = tmp_path / "a"
+    shutil.copytree(fp16_engine_artifact, copy)
+    r = runner.invoke(app, ["engine", str(copy), "--backend", "tensorrt-rtx", "--max-context", "512",
+                            "--target", "8.9"])
+    assert r.exit_code == 0, r.output
+    manifest = read_manifest(copy, verify="hash")
+    (entry,) = manifest["engines"]
+    assert entry["spec"]["max_context"] == 512 and entry["targets"] == ["8.9"]
+
+
+def test_bf16_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    spec = EngineSpec("tensorrt-rtx", max_context=128, max_prefill=32, targets=("8.9",))
+    manifest = build_artifact(tiny_checkpoint, tmp_path / "bf16", "bf16", backend="tensorrt-rtx", engine=spec)
+    assert manifest["engines"][0]["precision"] == "bf16" and manifest["dtype"] == "bfloat16"
+
+
+def test_bad_engine_requests_are_clear(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    with pytest.raises(EngineError, match="no fused fp32 attention"):
+        build_artifact(tiny_checkpoint, tmp_path / "x", "fp32", backend="tensorrt-rtx")
+    with pytest.raises(EngineError, match=r"FP8 needs compute capability >= 8\.9.*--target 8\.6"):
+        EngineSpec("tensorrt-rtx", targets=("8.6",)).check("fp8", 8192)
+    with pytest.raises(EngineError, match="--max-context must be between 2 and the model's 8192"):
+        EngineSpec("tensorrt-rtx", max_context=10**6).check("fp16", 8192)
+    r = runner.invoke(app, ["build", str(tiny_checkpoint), "--precision", "fp32", "--backend", "tensorrt-rtx",
+                            "-o", str(tmp_path / "y")])
+    assert r.exit_code == 1 and "no fused fp32 attention" in r.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_mod, "gpu_present", lambda: False)
+    monkeypatch.setattr(engine_mod, "installed", lambda b: b != "tensorrt")
+    assert choose_backend(None)[0] == "tensorrt-rtx"
+    assert pick_backend(None, "fp32")[0] == "onnxruntime"  # fp32 never lands on TensorRT by default
+    with pytest.raises(EngineError, match="backend tensorrt is not installed"):
+        choose_backend("tensorrt")
+    monkeypatch.setattr(engine_mod, "gpu_present", lambda: True)
+    monkeypatch.setattr(engine_mod, "installed", lambda b: True)
+    assert choose_backend(None)[0] == "tensorrt"
+    monkeypatch.setattr(engine_mod, "installed", lambda b: b == "onnxruntime")
+    assert choose_backend(None)[0] == "onnxruntime"
+
+
+def test_manifest_engine_metadata_is_json(fp16_engine_artifact: Path) -> None:
+    entry = json.loads((fp16_engine_artifact / "manifest.json").read_text())["engines"][0]
+    assert set(entry) >= {"backend", "flavour", "version", "targets", "precision", "profiles", "spec", "build_s"}
