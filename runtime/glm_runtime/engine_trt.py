@@ -1,0 +1,229 @@
+"""The TensorRT engine behind the same :class:`~glm_runtime.engine.Engine` interface as ONNX Runtime's.
+
+Runs ``engine/<backend>/model.engine`` of an artifact with ``tensorrt`` or TensorRT for RTX, using
+cuda-python for device buffers and the stream. Needs an NVIDIA GPU: on a machine without one, loading fails
+with a message that says so (and the tests that need it skip with that reason).
+
+- The cache length is the engine's (pinned to ``--max-context`` at build; TensorRT's KV-cache update needs it
+  static), so ``allocate`` always gives ``max_context`` slots and ``resize`` only checks the request fits.
+- The KV update is in place: every ``past_*`` input and its ``present_*`` output are bound to the *same*
+  device buffer, which is what TensorRT's KV-cache-update layer requires.
+- Two execution contexts, one per optimization profile (0 = decode, 1 = prefill), share those buffers.
+- Decode steps are captured once per batch size into a CUDA graph and replayed (no per-token launch
+  overhead of the individual kernels); a step whose shapes differ from the captured ones runs directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from glm_runtime.config import ModelConfig
+
+FP8_MIN_CC = (8, 9)
+MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx_bindings"}
+
+
+class TensorRTError(RuntimeError):
+    """The TensorRT engine cannot run here; the message says what to do instead."""
+
+
+def _cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
+        except ImportError as e:
+            raise TensorRTError("the TensorRT engine needs cuda-python: pip install 'glm-runtime[gpu]'") from e
+    return cudart
+
+
+def _ok(result: Any) -> Any:
+    """cuda-python returns ``(error, *values)``: raise on error, return the values."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise TensorRTError(f"CUDA error {err}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def device_capability(cudart: Any) -> tuple[int, int]:
+    count = _ok(cudart.cudaGetDeviceCount())
+    if count < 1:
+        raise TensorRTError("no CUDA GPU found: run this artifact with --backend onnxruntime (CPU)")
+    props = _ok(cudart.cudaGetDeviceProperties(0))
+    return int(props.major), int(props.minor)
+
+
+def check_compatibility(entry: dict[str, Any], capability: tuple[int, int], trt_version: str) -> None:
+    """Refuse an engine this GPU or TensorRT install cannot run, saying what to run instead."""
+    cc = f"{capability[0]}.{capability[1]}"
+    rebuild = f"rebuild it here: glm-export engine ARTIFACT --backend {entry['backend']}"
+    if entry["precision"] == "fp8" and capability < FP8_MIN_CC:
+        raise TensorRTError(f"FP8 needs compute capability >= 8.9; this GPU is {cc}: "
+                            f"build the artifact with --precision int8 or fp16")
+    if entry["version"] != trt_version:
+        raise TensorRTError(f"the engine was built with {entry['flavour']} {entry['version']}, this host has "
+                            f"{trt_version}: {rebuild}, or install {entry['version']}")
+    targets = entry.get("targets", [])
+    if entry["backend"] == "tensorrt-rtx" and targets and cc not in targets:
+        raise TensorRTError(f"the engine targets compute capabilities {', '.join(targets)}, this GPU is {cc}: "
+                            f"{rebuild} --target {cc}")
+
+
+class TrtKVCache:
+    """Device K/V buffers ``[batch, kv_heads, max_context, head_dim]``, K and V per layer."""
+
+    def __init__(self, engine: TrtEngine, batch: int) -> None:
+        self.engine, self.batch, self.cache_len = engine, batch, engine.max_context
+        cfg = engine.config
+        self.buffer_bytes = batch * cfg.num_kv_heads * self.cache_len * cfg.head_dim * engine.cache_itemsize
+        self.pointers = [engine.malloc(self.buffer_bytes, zero=True) for _ in range(2 * cfg.num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer_bytes * len(self.pointers)
+
+    def addresses(self) -> list[int]:
+        return list(self.pointers)
+
+    def free(self) -> None:
+        for p in self.pointers:
+            self.engine.cudart.cudaFree(p)
+        self.pointers = []
+
+
+class TrtEngine:
+    """One TensorRT engine on GPU 0, driven through the graph interface of ``docs/graph.md``."""
+
+    def __init__(self, artifact: Path, entry: dict[str, Any], config: ModelConfig) -> None:
+        self.cudart = cudart = _cudart()
+        trt = importlib.import_module(MODULES[entry["backend"]])
+        check_compatibility(entry, device_capability(cudart), trt.__version__)
+        self.config, self.entry = config, entry
+        self.max_batch = int(entry["spec"]["max_batch"])
+        self.max_context = int(entry["spec"]["max_context"])
+        self.max_prefill = int(entry["spec"]["max_prefill"])
+        self.cache_dtype = "bfloat16" if entry["precision"] == "bf16" else "float16"
+        self.cache_itemsize = 2
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        data = (Path(artifact) / entry["file"]).read_bytes()
+        self._engine = self._runtime.deserialize_cuda_engine(data)
+        if self._engine is None:
+            raise TensorRTError(f"{entry['flavour']} could not deserialize {entry['file']}: rebuild it with "
+                                f"glm-export engine ARTIFACT --backend {entry['backend']}")
+        self.stream = _ok(cudart.cudaStreamCreate())
+        self._contexts = []
+        for profile in (0, 1):  # decode, prefill
+            ctx = self._engine.create_execution_context()
+            ctx.set_optimization_profile_async(profile, self.stream)
+            self._contexts.append(ctx)
+        b, p, v = self.max_batch, self.max_prefill, config.vocab_size
+        self._ids = self.malloc(b * p * 8)
+        self._pos = self.malloc(b * p * 8)
+        self._idx = self.malloc(b * 8)
+        self._logits = self.malloc(b * v * 4)
+        self._host_logits = np.empty((b, v), dtype=np.float32)
+        self._graphs: dict[tuple[int, int], Any] = {}
+        self._bound: tuple[int, int] | None = None
+        self._run_s = 0.0
+
+    # ---- memory -----------------------------------------------------------------------------------------
+    def malloc(self, nbytes: int, zero: bool = False) -> int:
+        ptr = int(_ok(self.cudart.cudaMalloc(nbytes)))
+        if zero:
+            _ok(self.cudart.cudaMemset(ptr, 0, nbytes))
+        return ptr
+
+    def allocate(self, batch: int, cache_len: int) -> TrtKVCache:
+        self._check_size(batch, cache_len)
+        return TrtKVCache(self, batch)
+
+    def resize(self, cache: TrtKVCache, cache_len: int, keep: int) -> None:
+        self._check_size(cache.batch, cache_len)  # the buffers already hold max_context slots
+
+    def _check_size(self, batch: int, cache_len: int) -> None:
+        if batch > self.max_batch or cache_len > self.max_context:
+            raise TensorRTError(
+                f"batch {batch} x context {cache_len} exceeds the engine's --max-batch {self.max_batch} / "
+                f"--max-context {self.max_context}: rebuild with glm-export engine ARTIFACT "
+                f"--max-batch {max(batch, self.max_batch)} --max-context {max(cache_len, self.max_context)}"
+            )
+
+    # ---- running ----------------------------------------------------------------------------------------
+    @property
+    def run_seconds(self) -> float:
+        return self._run_s
+
+    def describe(self) -> str:
+        return (f"{self.entry['flavour']} {self.entry['version']} ({self.entry['precision']}, batch <= "
+                f"{self.max_batch}, context {self.max_context})")
+
+    def _bind(self, ctx: Any, cache: TrtKVCache, batch: int, seq: int, k: int) -> None:
+        cfg = self.config
+        shapes = {"input_ids": (batch, seq), "position_ids": (batch, seq), "logits_index": (batch, k)}
+        addresses = {"input_ids": self._ids, "position_ids": self._pos, "logits_index": self._idx,
+                     "logits": self._logits}
+        for name, shape in shapes.items():
+            ctx.set_input_shape(name, shape)
+        for i in range(cfg.num_layers):
+            for j, kv in enumerate(("key", "value")):
+                ptr = cache.pointers[2 * i + j]
+                shape = (batch, cfg.num_kv_heads, self.max_context, cfg.head_dim)
+                ctx.set_input_shape(f"past_{kv}_{i}", shape)
+                addresses[f"past_{kv}_{i}"] = addresses[f"present_{kv}_{i}"] = ptr  # in place
+        for name, ptr in addresses.items():
+            ctx.set_tensor_address(name, ptr)
+
+    def step(self, cache: TrtKVCache, input_ids: np.ndarray, position_ids: np.ndarray,
+             logits_index: np.ndarray) -> np.ndarray:
+        cudart = self.cudart
+        batch, seq = input_ids.shape
+        if seq > self.max_prefill:
+            raise TensorRTError(f"a step of {seq} tokens exceeds the engine's prefill profile ({self.max_prefill}); "
+                                f"prefill in chunks of at most {self.max_prefill}")
+        t0 = time.perf_counter()
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        for dst, arr in ((self._ids, input_ids), (self._pos, position_ids), (self._idx, logits_index)):
+            a = np.ascontiguousarray(arr, dtype=np.int64)
+            _ok(cudart.cudaMemcpyAsync(dst, a.ctypes.data, a.nbytes, h2d, self.stream))
+        decode = seq == 1
+        ctx = self._contexts[0 if decode else 1]
+        key = (batch, id(cache))
+        if decode and key in self._graphs:
+            _ok(cudart.cudaGraphLaunch(self._graphs[key], self.stream))
+        else:
+            self._bind(ctx, cache, batch, seq, logits_index.shape[1])
+            if decode:
+                self._graphs[key] = self._capture(ctx)
+                _ok(cudart.cudaGraphLaunch(self._graphs[key], self.stream))
+            elif not ctx.execute_async_v3(self.stream):
+                raise TensorRTError("TensorRT execution failed (see the TensorRT messages above)")
+        out = self._host_logits[:batch]
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _ok(cudart.cudaMemcpyAsync(out.ctypes.data, self._logits, out.nbytes, d2h, self.stream))
+        _ok(cudart.cudaStreamSynchronize(self.stream))
+        self._run_s += time.perf_counter() - t0
+        return out
+
+    def _capture(self, ctx: Any) -> Any:
+        """Capture one decode step into a CUDA graph (TensorRT needs one plain run before capturing)."""
+        cudart = self.cudart
+        if not ctx.execute_async_v3(self.stream):
+            raise TensorRTError("TensorRT execution failed (see the TensorRT messages above)")
+        _ok(cudart.cudaStreamSynchronize(self.stream))
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+        _ok(cudart.cudaStreamBeginCapture(self.stream, mode))
+        ctx.execute_async_v3(self.stream)
+        graph = _ok(cudart.cudaStreamEndCapture(self.stream))
+        return _ok(cudart.cudaGraphInstantiate(graph, 0))
+
+    def close(self) -> None:
+        for ptr in (self._ids, self._pos, self._idx, self._logits):
+            self.cudart.cudaFree(ptr)
+        self._graphs.clear()
