@@ -23,6 +23,9 @@ import torch
 from glm_runtime.config import ModelConfig
 from safetensors import safe_open
 
+from glm_export import rotary
+from glm_export.model import GLM4, is_matmul_weight
+
 # canonical name template -> per layout, the checkpoint names whose rows are concatenated to form it.
 LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
     "chatglm": {
@@ -241,9 +244,6 @@ def load_model(source: str | Path | Checkpoint, dtype: torch.dtype = torch.float
     Built on the meta device and filled with ``assign=True``: tensors already in ``dtype`` stay
     memory-mapped instead of being copied into freshly allocated parameters.
     """
-    from glm_export import rotary
-    from glm_export.model import GLM4, is_matmul_weight
-
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
     ckpt.validate()
     with torch.device("meta"):

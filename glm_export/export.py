@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import ml_dtypes
-import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
@@ -242,7 +241,3 @@ def write_manifest(artifact: Path, manifest: dict[str, Any]) -> None:
     files = sorted(p for p in artifact.rglob("*") if p.is_file() and p.name != mf.MANIFEST)
     manifest["files"] = {str(p.relative_to(artifact)): mf.file_entry(p) for p in files}
     atomic.write_text(artifact / mf.MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-
-
-def numpy_dtype(dtype: str) -> np.dtype:
-    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
