@@ -7,13 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from glm_runtime.manifest import read_manifest
 from typer.testing import CliRunner
 
 from glm_export import engine as engine_mod
 from glm_export.build import build_artifact, pick_backend
 from glm_export.cli import app
 from glm_export.engine import EngineError, EngineSpec, check_engine, choose_backend
-from glm_runtime.manifest import read_manifest
 
 trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT for RTX not installed (CI installs it)")
 runner = CliRunner()
@@ -46,7 +46,7 @@ def test_engine_deserializes_with_pinned_cache_length(fp16_engine_artifact: Path
     """The engine's own header check accepts it; its I/O has the cache length pinned to max_context."""
     data = (fp16_engine_artifact / "engine" / "tensorrt-rtx" / "model.engine").read_bytes()
     runtime = trt.Runtime(engine_mod.trt_logger(trt))
-    validity, diagnostics = runtime.get_engine_validity(data)
+    _validity, diagnostics = runtime.get_engine_validity(data)
     assert not diagnostics & int(trt.EngineInvalidityDiagnostics.MALFORMED_ENGINE)
     assert not diagnostics & int(trt.EngineInvalidityDiagnostics.VERSION_MISMATCH)
     if engine_mod.gpu_present():
