@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,16 @@ from glm_export import atomic
 from glm_export.builtin import resolve_model
 from glm_export.checkpoint import Checkpoint, load_model
 from glm_export.engine import EngineSpec, build_engine, check_engine, choose_backend
-from glm_export.export import export_into, write_manifest
+from glm_export.export import ONNX_FILE, export_into, graph_io, write_manifest
 from glm_export.progress import console
-from glm_export.quantize import QUANTIZED_PRECISIONS, QuantOptions, check_options, quantize_into
+from glm_export.quantize import (
+    QUANTIZED_PRECISIONS,
+    QuantizeError,
+    QuantOptions,
+    check_options,
+    options_for_backend,
+    quantize_into,
+)
 from glm_export.validate import OrtGraph, compare
 
 FLOAT_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -54,24 +62,32 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
     if backend != "onnxruntime":
         base = engine or EngineSpec(backend=backend)
         spec = EngineSpec(backend, base.max_batch, base.max_context, base.max_prefill, base.targets)
-    quant = quant or QuantOptions()
+    quant = options_for_backend(quant or QuantOptions(), backend)
+    if spec is not None and spec.targets and quant.target_compute_capability is None:
+        quant = replace(quant, target_compute_capability=min(float(t) for t in spec.targets))
     if precision in QUANTIZED_PRECISIONS:
         try:
             check_options(precision, quant)
-        except NotImplementedError as e:
+        except QuantizeError as e:
             raise BuildError(str(e)) from None
     model_dir = resolve_model(model)
     if spec is not None:
         spec.check(precision, Checkpoint(model_dir).config.max_position)
     t0 = time.perf_counter()
     with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
-        # Quantized graphs start from the fp32 graph (ONNX Runtime CPU runs it; Q/DQ carry the precision).
-        manifest = export_into(model_dir, tmp, FLOAT_PRECISIONS.get(precision, "float32"))
+        # Quantized graphs start from the fp32 graph for ONNX Runtime (CPU) and from the fp16 one for TensorRT
+        # (no fp32 attention there); the Q/DQ nodes carry the precision.
+        base = "float32" if backend == "onnxruntime" else "float16"
+        manifest = export_into(model_dir, tmp, FLOAT_PRECISIONS.get(precision, base))
         manifest["backend"] = backend
         report: dict[str, Any] = {"precision": precision, "validation": None}
         if precision in QUANTIZED_PRECISIONS:
-            report["quantization"] = quantize_into(model_dir, tmp, precision, quant)
+            try:
+                report["quantization"] = quantize_into(model_dir, tmp, precision, quant)
+            except QuantizeError as e:
+                raise BuildError(str(e)) from None
             manifest["precision"] = precision
+            manifest["graph"] = graph_io(tmp / ONNX_FILE)
         if validate:
             report["validation"] = validate_artifact(model_dir, tmp, precision)
         if spec is not None:
@@ -80,8 +96,9 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
             manifest["engines"] = [entry]
             report["engine"] = entry
         report["build_s"] = round(time.perf_counter() - t0, 2)
+        quant_md = report.get("quantization", {}).pop("markdown", "")
         atomic.write_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
-        atomic.write_text(tmp / "report.md", report_markdown(report))
+        atomic.write_text(tmp / "report.md", report_markdown(report, quant_md))
         write_manifest(tmp, manifest)
     console.print(f"[green]built[/] {out} ({precision}) in {time.perf_counter() - t0:.1f} s")
     return manifest
@@ -101,7 +118,8 @@ def validate_artifact(model_dir: Path, artifact: Path, precision: str) -> dict[s
     """ONNX Runtime vs PyTorch on random prompts: max logit difference and greedy agreement."""
     ckpt = Checkpoint(model_dir)
     if precision in QUANTIZED_PRECISIONS:
-        return {"status": "see quantization report", "reason": "quantized graphs are compared by accuracy"}
+        return {"status": "by accuracy", "reason": "a quantized graph is compared with the fp32 model by the "
+                                                   "accuracy measurements below, not by logit identity"}
     if precision != "fp32":
         return {"status": "skipped", "reason": f"ONNX Runtime CPU validation covers fp32 graphs; {precision} "
                                                 "graphs are validated on the engine that runs them"}
@@ -121,13 +139,13 @@ def validate_artifact(model_dir: Path, artifact: Path, precision: str) -> dict[s
     return {"status": status, "prompts": list(VALIDATE_PROMPTS), "decode_steps": VALIDATE_DECODE, **result.to_dict()}
 
 
-def report_markdown(report: dict[str, Any]) -> str:
+def report_markdown(report: dict[str, Any], extra: str = "") -> str:
     lines = [f"# glm-export build report ({report['precision']})", ""]
     v = report.get("validation")
     if not v:
         lines.append("Validation: not run (--no-validate).")
-    elif v["status"] == "skipped":
-        lines.append(f"Validation: skipped: {v['reason']}.")
+    elif v["status"] != "ok":
+        lines.append(f"Validation: {v['status']}: {v['reason']}.")
     else:
         lines += [
             "Validation: ONNX Runtime (CPU) against the PyTorch model, same weights, fp32, "
@@ -148,5 +166,7 @@ def report_markdown(report: dict[str, Any]) -> str:
                   f"{e['bytes'] / 1e6:.1f} MB, built in {e['build_s']} s. Header check: "
                   f"{'well-formed' if check.get('well_formed') else 'INVALID'} "
                   f"(diagnostics: {', '.join(check.get('diagnostics', [])) or 'none'}). {ran}"]
+    if extra:
+        lines += ["", extra.rstrip()]
     lines += ["", f"Build time: {report['build_s']} s.", ""]
     return "\n".join(lines)

@@ -32,6 +32,7 @@ BACKEND_HELP = ("Engine backend. Default: tensorrt with a GPU, else tensorrt-rtx
 MAX_BATCH_HELP = "Largest batch the TensorRT engine accepts."
 MAX_CONTEXT_HELP = "KV-cache length the TensorRT engine is built for (prompt + new tokens)."
 MAX_PREFILL_HELP = "Longest prefill chunk of the TensorRT engine's prefill profile."
+CALIBRATION_HELP = "Calibration data: 'default' (shipped set), a .jsonl of chat messages / {'text': ...}, or a .txt."
 TARGET_HELP = "Compute capability to build for (TensorRT-RTX ahead-of-time), repeatable: 8.6, 8.9, 12.0 ..."
 
 
@@ -58,6 +59,11 @@ class Backend(str, Enum):
     onnxruntime = "onnxruntime"
 
 
+class WeightMethod(str, Enum):
+    awq = "awq"
+    rtn = "rtn"
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
@@ -72,13 +78,12 @@ def friendly_errors(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from glm_runtime.config import ConfigError
-        from glm_runtime.manifest import ArtifactError
-
         from glm_export.atomic import OutputExistsError
         from glm_export.build import BuildError
         from glm_export.checkpoint import CheckpointError
         from glm_export.engine import EngineError
+        from glm_runtime.config import ConfigError
+        from glm_runtime.manifest import ArtifactError
 
         try:
             return fn(*args, **kwargs)
@@ -145,14 +150,27 @@ def build(
     max_context: Annotated[int, typer.Option(help=MAX_CONTEXT_HELP, min=2)] = 4096,
     max_prefill: Annotated[int, typer.Option(help=MAX_PREFILL_HELP, min=1)] = 512,
     target: Annotated[list[str] | None, typer.Option(help=TARGET_HELP)] = None,
+    calibration: Annotated[str, typer.Option(help=CALIBRATION_HELP)] = "default",
+    calib_samples: Annotated[int, typer.Option(help="Calibration samples to use.", min=1)] = 256,
+    calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample (longer ones are cut).")] = 512,
+    smoothquant_alpha: Annotated[float, typer.Option(help="int8 SmoothQuant migration strength (0 = none).")] = 0.5,
+    weight_block: Annotated[int, typer.Option(help="int4 block size: 32, 64 or 128.")] = 128,
+    weight_method: Annotated[WeightMethod, typer.Option(help="int4 rounding: awq (activation-aware) or rtn.")]
+    = WeightMethod.awq,
+    accuracy_samples: Annotated[int, typer.Option(help="Held-out sequences for the accuracy report (0: skip).")]
+    = 8,
 ) -> None:
     """Export, (quantize), build engines and validate: the whole pipeline into one artifact directory."""
     from glm_export.build import build_artifact
     from glm_export.engine import EngineSpec
+    from glm_export.quantize import QuantOptions
 
     spec = EngineSpec("auto", max_batch, max_context, max_prefill, tuple(target or ()))
+    quant = QuantOptions(calibration=calibration, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+                         smoothquant_alpha=smoothquant_alpha, weight_block=weight_block,
+                         weight_method=weight_method.value, accuracy_samples=accuracy_samples)
     build_artifact(model, out, precision.value, overwrite=overwrite, validate=validate,
-                   backend=backend.value if backend else None, engine=spec)
+                   backend=backend.value if backend else None, engine=spec, quant=quant)
 
 
 @app.command("engine")
@@ -166,9 +184,8 @@ def engine(
     target: Annotated[list[str] | None, typer.Option(help=TARGET_HELP)] = None,
 ) -> None:
     """(Re)build only the TensorRT engine of an artifact, e.g. on the GPU host it will run on."""
-    from glm_runtime.manifest import read_manifest
-
     from glm_export.engine import EngineError, EngineSpec, build_engine, check_engine, choose_backend, describe
+    from glm_runtime.manifest import read_manifest
 
     if backend is Backend.onnxruntime:
         raise EngineError("onnxruntime needs no engine: the artifact's model.onnx is what it runs")

@@ -29,14 +29,14 @@ import ml_dtypes
 import onnx
 import onnx_ir as ir
 import torch
-from glm_runtime import manifest as mf
-from glm_runtime.config import ModelConfig
 
 import glm_export
 from glm_export import atomic
 from glm_export.checkpoint import Checkpoint
 from glm_export.model import GLM4, is_matmul_weight, torch_dtype
 from glm_export.progress import bytes_progress, console
+from glm_runtime import manifest as mf
+from glm_runtime.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def _copy_side_files(model_dir: Path, dst: Path) -> dict[str, Any]:
     return info
 
 
-def _graph_io(path: Path) -> dict[str, Any]:
+def graph_io(path: Path) -> dict[str, Any]:
     m = onnx.load(str(path), load_external_data=False)
 
     def describe(values: Any) -> list[dict[str, Any]]:
@@ -231,7 +231,7 @@ def build_manifest(artifact: Path, cfg: ModelConfig, dtype: str, ckpt: Checkpoin
         "model": cfg.to_dict(),
         "precision": {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype],
         "dtype": dtype,
-        "graph": _graph_io(artifact / ONNX_FILE),
+        "graph": graph_io(artifact / ONNX_FILE),
         "tokenizer": extra_info["tokenizer"],
     }
 

@@ -1,15 +1,66 @@
-"""Quantization of the exported graph with calibration: FP8, INT8 (SmoothQuant), INT4/INT8 weight-only.
+"""Quantization of the exported graph with calibration: FP8, INT8 (SmoothQuant), INT4 weight-only (RTN / AWQ).
 
-Placeholder interface wired into ``build``; the implementation lands with issue 5.
+The flow (``quantize_into``): calibrate the PyTorch model (``calibrate.py``) -> free it -> rewrite the fp32
+graph's MatMuls in place -> measure accuracy on held-out text against PyTorch fp32 (``accuracy.py``).
+
+Every quantized MatMul is one of ``layers.*.{qkv,o_proj,gate_up,down}`` and ``lm_head``, found by the name of
+its weight initializer (the graph stores them ``[in, out]`` under canonical names, ``docs/graph.md``). What
+stays in higher precision, and why:
+
+- the embedding (a Gather reads one row per token: no bandwidth to save, any error hits every token);
+- RMSNorm weights and the qkv bias (tiny; they also absorb the smoothing scales);
+- attention, rotary, softmax and the KV cache (fp32 in the graph; calibrated K/V ranges are reported for a
+  quantized cache, which is not written yet).
+
+Rescaling that folds exactly into the graph (x' = x / s, W' = diag(s) W, the product unchanged), used by
+SmoothQuant (int8) and AWQ (int4): qkv <- input_norm weight, gate_up <- post_attn_norm weight, lm_head <-
+final_norm weight, down <- the ``up`` half of gate_up (silu(gate) * up is linear in up), o_proj <- the V
+columns and bias of qkv (attention is linear in V per channel; with GQA every head of a group reads the same V
+channel, so those heads share one scale). Consequence: the cache holds V / s, invisible outside the graph.
+
+Graph forms (written by hand with onnx_ir: ORT's quantizer has no SmoothQuant/AWQ/FP8 for this graph and
+modelopt's export does not fit opset 24, see ``docs/quantization.md``):
+
+- int8: ``Q(x; a, 0) -> DQ -> MatMul(., DQ(W_int8; w[axis=1]))``, static per-tensor activation scale, per
+  output channel weight scale with *no* zero point (a shared scalar zero point on a per-channel DQ breaks ORT
+  and TensorRT). ORT CPU fuses it to int8 kernels; TensorRT runs it as an int8 GEMM.
+- fp8: the same with float8e4m3fn, the layout TensorRT's FP8 GEMM fusion expects; on ORT CPU the Q/DQ run as
+  plain ops (the numerical reference).
+- int4: ``com.microsoft::MatMulNBits`` (ORT CPU, ``int4_format="nbits"``) or a blocked
+  ``DequantizeLinear(block_size)`` on an int4 initializer (TensorRT, ``"qdq"``); symmetric blocks either way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import gc
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from glm_export import accuracy, calibrate
+from glm_export.calibrate import CalibrationError, Stats
+from glm_export.progress import console
+
 QUANTIZED_PRECISIONS = ("fp8", "int8", "int4")
+WEIGHT_METHODS = ("rtn", "awq")
+BLOCK_SIZES = (32, 64, 128)
+KV_CACHE_CHOICES = ("model",)
+INT4_FORMATS = ("nbits", "qdq")
+FP8_MAX = 448.0
+AWQ_GRID = 20
+
+
+class QuantizeError(ValueError):
+    """Quantization options or input that cannot work; the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -19,23 +70,397 @@ class QuantOptions:
     calibration: str = "default"  # "default" (shipped set), or a path to .jsonl / .txt
     calib_samples: int = 256
     calib_seq_len: int = 512
-    smoothquant_alpha: float = 0.5
-    weight_block: int = 128  # int4 / int8 weight-only block size (128 or 32)
+    smoothquant_alpha: float = 0.5  # int8; 0 disables smoothing (naive per-tensor W8A8)
+    weight_block: int = 128  # int4 block size (32, 64 or 128)
     weight_method: str = "awq"  # "rtn" or "awq"
-    kv_cache: str = "model"  # "model" (graph dtype), "fp8" or "int8"
+    kv_cache: str = "model"  # "model" (graph dtype); fp8 / int8 caches: ranges are reported, not yet written
+    int4_format: str = "nbits"  # "nbits" (ORT MatMulNBits) or "qdq" (blocked DequantizeLinear, TensorRT)
+    quantize_lm_head: bool = True
+    # int8 weights in [-63, 63] (ORT's reduce_range): ONNX Runtime's x86 int8 kernels without VNNI (AVX2, e.g.
+    # this AMD EPYC) add u8*s8 pairs in int16 and saturate with full-range weights (measured: 0.3 abs error on
+    # a 200-deep dot product, exact with 7 bits). Set False for TensorRT or VNNI / ARM hosts.
+    int8_reduce_range: bool = True
+    accuracy_samples: int = 8  # held-out sequences for the accuracy report (0: skip it)
+    target_compute_capability: float | None = None  # GPU the artifact is for, when known (fp8 needs >= 8.9)
+
+
+def options_for_backend(options: QuantOptions, backend: str) -> QuantOptions:
+    """The graph forms each backend runs best: MatMulNBits and 7-bit int8 weights for ONNX Runtime CPU,
+    blocked DequantizeLinear and full-range int8 for TensorRT (whose MatMulNBits importer wants fp16 inputs
+    and whose int8 GEMMs do not saturate)."""
+    if backend == "onnxruntime":
+        return options
+    return replace(options, int4_format="qdq", int8_reduce_range=False)
 
 
 def check_options(precision: str, options: QuantOptions) -> None:
     """Refuse bad quantization input before any expensive work (called by ``build`` first)."""
-    raise NotImplementedError(
-        f"--precision {precision} is not implemented in this version of glm-export yet; "
-        f"use --precision fp32 (runs on ONNX Runtime CPU), fp16 or bf16"
-    )
+    if precision not in QUANTIZED_PRECISIONS:
+        raise QuantizeError(f"unknown quantized precision {precision!r}: choose one of "
+                            f"{', '.join(QUANTIZED_PRECISIONS)} (or fp32 / fp16 / bf16 for an unquantized artifact)")
+    cc = options.target_compute_capability
+    if precision == "fp8" and cc is not None and cc < 8.9:
+        raise QuantizeError(f"fp8 needs a GPU of compute capability 8.9+ (Ada, Hopper, Blackwell); the target has "
+                            f"{cc}: use --precision int8 (SmoothQuant) or int4 there")
+    if not 0.0 <= options.smoothquant_alpha <= 1.0:
+        raise QuantizeError(f"--smoothquant-alpha {options.smoothquant_alpha} is outside [0, 1] (0.5 is the usual)")
+    if options.weight_block not in BLOCK_SIZES:
+        raise QuantizeError(f"--weight-block {options.weight_block}: choose one of {BLOCK_SIZES} (128 default)")
+    if options.weight_method not in WEIGHT_METHODS:
+        raise QuantizeError(f"--weight-method {options.weight_method!r}: choose one of {WEIGHT_METHODS}")
+    if options.kv_cache not in KV_CACHE_CHOICES:
+        raise QuantizeError(f"--kv-cache {options.kv_cache!r} is not supported yet: only 'model' (the graph dtype); "
+                            f"the calibrated K/V ranges are in the report")
+    if options.int4_format not in INT4_FORMATS:
+        raise QuantizeError(f"int4 format {options.int4_format!r}: choose one of {INT4_FORMATS}")
+    if options.calib_seq_len < calibrate.MIN_TOKENS:
+        raise QuantizeError(f"--calib-seq-len {options.calib_seq_len} is too short; use 512 (default) or more")
+    try:
+        calibrate.check_calibration(options.calibration, options.calib_samples)
+    except CalibrationError as e:
+        raise QuantizeError(str(e)) from None
+
+
+# ---- numerics (numpy; weights are [in, out]) -------------------------------------------------------------------
+
+def quant_int8_channel(w: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel int8: (q [in, out] int8 in [-qmax, qmax], scale [out] fp32)."""
+    scale = np.maximum(np.abs(w).max(0), 1e-12).astype(np.float32) / qmax
+    return np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8), scale
+
+
+def quant_fp8_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel E4M3: the channel's abs-max maps to 448 (the largest finite E4M3)."""
+    scale = np.maximum(np.abs(w).max(0), 1e-12).astype(np.float32) / FP8_MAX
+    return (w / scale).astype(ml_dtypes.float8_e4m3fn), scale
+
+
+def quant_int4_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int4 blocks along ``in``: (q [in_padded, out] int8 in [-8, 7], scale [blocks, out] fp32)."""
+    k, n = w.shape
+    pad = -k % block
+    wp = np.pad(w, ((0, pad), (0, 0))) if pad else w
+    blocks = wp.reshape(-1, block, n)
+    scale = np.maximum(np.abs(blocks).max(1), 1e-12).astype(np.float32) / 7.0
+    q = np.clip(np.rint(blocks / scale[:, None, :]), -8, 7).astype(np.int8)
+    return q.reshape(-1, n), scale
+
+
+def dequant_int4_blocks(q: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
+    block = q.shape[0] // scale.shape[0]
+    return (q.reshape(scale.shape[0], block, -1) * scale[:, None, :]).reshape(q.shape)[:k]
+
+
+def smooth_scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1-alpha), bounded so folding stays well conditioned."""
+    s = np.maximum(amax, 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)
+    return np.clip(s, 1e-4, 1e4).astype(np.float32)
+
+
+def awq_search(x: np.ndarray, w: np.ndarray, absmean: np.ndarray, block: int, tie: Any) -> tuple[np.ndarray, float,
+                                                                                                     float]:
+    """AWQ's grid search: s = mean|x|^a; pick the a whose int4(W diag(s)) / s best reproduces x @ W.
+
+    Returns (s, best error, round-to-nearest error) as relative squared errors on the sampled rows.
+    Very wide layers (lm_head) are searched on a fixed subset of output columns.
+    """
+    if w.shape[1] > 4096:
+        cols = np.random.default_rng(0).choice(w.shape[1], 4096, replace=False)
+        w = w[:, np.sort(cols)]
+    ref = x @ w
+    norm = float((ref**2).sum()) or 1.0
+    best: tuple[float, np.ndarray] | None = None
+    rtn = 0.0
+    for i in range(AWQ_GRID):
+        a = i / AWQ_GRID
+        s = tie(np.maximum(absmean, 1e-6) ** a)  # o_proj: equal over the heads sharing a V channel
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+        q, sc = quant_int4_blocks(w * s[:, None], block)
+        err = float(((x @ (dequant_int4_blocks(q, sc, w.shape[0]) / s[:, None]) - ref) ** 2).sum()) / norm
+        if i == 0:
+            rtn = err
+        if best is None or err < best[0]:
+            best = (err, s)
+    assert best is not None
+    return best[1], best[0], rtn
+
+
+# ---- which tensors fold into which -------------------------------------------------------------------------------
+
+class Weights:
+    """The initializers quantization edits, as fp32 numpy copies made on first use (written back by the caller)."""
+
+    def __init__(self, graph: ir.Graph, cfg: Any) -> None:
+        self.graph, self.cfg, self.arrays = graph, cfg, {}  # type: ignore[var-annotated]
+        # Each MatMul's RMSNorm scale, found through the graph: in fp16 / bf16 graphs the exporter folds the
+        # norm weight's cast to fp32 into an anonymous initializer, so its canonical name is gone.
+        self.norms: dict[str, str] = {}
+        for node in graph:
+            if node.op_type == "MatMul" and node.inputs[1] is not None and node.inputs[1].is_initializer():
+                src = node.inputs[0].producer() if node.inputs[0] is not None else None
+                while src is not None and src.op_type == "Cast":
+                    src = src.inputs[0].producer()
+                if src is not None and src.op_type == "RMSNormalization" and src.inputs[1].is_initializer():
+                    self.norms[node.inputs[1].name] = src.inputs[1].name
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.arrays:
+            self.arrays[name] = np.array(self.graph.initializers[name].const_value.numpy(), dtype=np.float32)
+        return self.arrays[name]
+
+    def has(self, name: str) -> bool:
+        return name in self.graph.initializers
+
+    def tie(self, module: str) -> Any:
+        """For o_proj, a function that makes a per-q-channel vector equal over the heads of each KV group."""
+        cfg = self.cfg
+        if not module.endswith("o_proj.weight"):
+            return lambda v, reduce=None: v
+        hpg = cfg.num_heads // cfg.num_kv_heads
+
+        def tie(v: np.ndarray, reduce: Any = np.max) -> np.ndarray:
+            g = reduce(v.reshape(cfg.num_kv_heads, hpg, cfg.head_dim), axis=1)
+            return np.repeat(g[:, None, :], hpg, axis=1).reshape(-1)
+        return tie
+
+    def fold(self, module: str, s: np.ndarray) -> None:
+        """Make the input of ``module`` x / s and its weight diag(s) W; the graph computes the same function."""
+        cfg = self.cfg
+        np.multiply(self[module], s[:, None], out=self[module])
+        if module in self.norms:  # qkv, gate_up, lm_head
+            norm = self[self.norms[module]]
+            np.divide(norm, s, out=norm)
+            return
+        parts = module.split(".")
+        kind = parts[-2]
+        p = f"layers.{parts[1]}."
+        if kind not in ("down", "o_proj"):
+            raise QuantizeError(f"cannot find the RMSNormalization that feeds {module} in the graph")
+        elif kind == "down":
+            up = self[p + "gate_up.weight"][:, cfg.ffn_hidden_size:]
+            np.divide(up, s[None, :], out=up)
+        elif kind == "o_proj":
+            sv = s.reshape(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)[:, 0].reshape(-1)
+            v0 = cfg.q_size + cfg.kv_size
+            v = self[p + "qkv.weight"][:, v0:]
+            np.divide(v, sv[None, :], out=v)
+            if self.has(p + "qkv.bias"):
+                bias = self[p + "qkv.bias"][v0:]
+                np.divide(bias, sv, out=bias)
+
+
+def targets(cfg: Any, options: QuantOptions) -> list[str]:
+    names = [f"layers.{i}.{m}.weight" for i in range(cfg.num_layers) for m in ("qkv", "o_proj", "gate_up", "down")]
+    return names + (["lm_head.weight"] if options.quantize_lm_head else [])
+
+
+# ---- graph edits ---------------------------------------------------------------------------------------------------
+
+class Rewriter:
+    def __init__(self, model: ir.Model) -> None:
+        self.model, self.graph = model, model.graph
+        self.users = {n.inputs[1].name: n for n in self.graph if n.op_type == "MatMul" and n.inputs[1] is not None
+                      and n.inputs[1].is_initializer()}
+        # The graph's float type (fp32 for ORT CPU; fp16 / bf16 for TensorRT, which has no fp32 attention): scales
+        # and rewritten weights take it, so DequantizeLinear outputs what the MatMul expects.
+        first = next(iter(self.users.values()), None)
+        self.ftype = first.inputs[1].const_value.dtype.numpy() if first is not None else np.dtype(np.float32)
+
+    def fconst(self, name: str, array: np.ndarray) -> ir.Value:
+        return self.const(name, np.ascontiguousarray(array).astype(self.ftype))
+
+    def const(self, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+        self.graph.register_initializer(value)
+        return value
+
+    def replace(self, name: str, array: np.ndarray) -> None:
+        value = self.graph.initializers[name]
+        value.const_value = ir.Tensor(np.ascontiguousarray(array).astype(value.const_value.dtype.numpy()), name=name)
+
+    def _drop_weight(self, node: ir.Node) -> ir.Value:
+        old = node.inputs[1]
+        del self.graph.initializers[old.name]
+        return old
+
+    def qdq(self, name: str, wq: np.ndarray, wscale: np.ndarray, ascale: float | None, zero: np.ndarray) -> None:
+        """``Q/DQ(x) @ DQ(W)`` (per-channel weight, no weight zero point); ``ascale`` None: weight-only."""
+        node = self.users[name]
+        self._drop_weight(node)
+        wdq = ir.node("DequantizeLinear", [self.const(name + "_quantized", wq), self.fconst(name + "_scale", wscale)],
+                      {"axis": 1}, name=name + "/DequantizeLinear")
+        nodes = [wdq]
+        if ascale is not None:
+            act = [self.fconst(name + "_act_scale", np.array(ascale)), self.const(name + "_act_zp", zero)]
+            q = ir.node("QuantizeLinear", [node.inputs[0], *act], name=name + "/act_QuantizeLinear")
+            dq = ir.node("DequantizeLinear", [q.outputs[0], *act], name=name + "/act_DequantizeLinear")
+            nodes = [q, dq, wdq]
+            node.replace_input_with(0, dq.outputs[0])
+        self.graph.insert_before(node, nodes)
+        node.replace_input_with(1, wdq.outputs[0])
+
+    def int4(self, name: str, q: np.ndarray, scale: np.ndarray, k: int, fmt: str) -> None:
+        """Blocked int4: ``MatMulNBits`` (ORT) or ``MatMul(x, DQ(W_int4, block_size))`` (TensorRT)."""
+        node = self.users[name]
+        self._drop_weight(node)
+        n_blocks, n = scale.shape
+        block = q.shape[0] // n_blocks
+        if fmt == "qdq":
+            qv = self.const(name + "_quantized", q[:k].astype(ml_dtypes.int4))
+            dq = ir.node("DequantizeLinear", [qv, self.fconst(name + "_scale", scale)],
+                         {"axis": 0, "block_size": block}, name=name + "/DequantizeLinear")
+            self.graph.insert_before(node, [dq])
+            node.replace_input_with(1, dq.outputs[0])
+            return
+        u = (q.T.astype(np.int16) + 8).astype(np.uint8).reshape(n, n_blocks, block)  # [N, blocks, block], zp 8
+        packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+        mm = ir.node("MatMulNBits", [node.inputs[0], self.const(name + "_nbits", packed),
+                                     self.fconst(name + "_scale", scale.T)],
+                     {"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": 4},
+                     domain="com.microsoft", outputs=[ir.Value(name=node.outputs[0].name + "_nbits")],
+                     name=name + "/MatMulNBits")
+        self.graph.insert_before(node, [mm])
+        out, new = node.outputs[0], mm.outputs[0]
+        out.replace_all_uses_with(new, replace_graph_outputs=True)
+        out_name, out.name = out.name, out.name + "_replaced"
+        new.name, new.type, new.shape = out_name, out.type, out.shape
+        self.graph.remove(node, safe=True)
+        self.model.opset_imports["com.microsoft"] = 1
+
+
+# ---- the whole step ----------------------------------------------------------------------------------------------
+
+def quantize_graph(model: ir.Model, cfg: Any, precision: str, options: QuantOptions, stats: Stats) -> dict[str, Any]:
+    """Edit ``model`` in memory; return per-layer details for the report."""
+    w = Weights(model.graph, cfg)
+    rw = Rewriter(model)
+    layers: dict[str, Any] = {}
+    names = [n for n in targets(cfg, options) if n in rw.users]
+    for name in names:
+        st = stats.modules[name]
+        amax = st.absmax.numpy().astype(np.float32)
+        tie = w.tie(name)
+        info: dict[str, Any] = {}
+        if precision == "int8" and options.smoothquant_alpha > 0:
+            s = smooth_scales(tie(amax), tie(np.abs(w[name]).max(1)), options.smoothquant_alpha)
+            w.fold(name, s)
+            amax = amax / s
+            info["smooth_max_ratio"] = round(float(s.max() / s.min()), 2)
+        if precision == "int4" and options.weight_method == "awq":
+            x = st.sample_rows().numpy()
+            absmean = st.absmean.numpy().astype(np.float32)
+            s, err, rtn = awq_search(x, w[name], absmean, options.weight_block, partial(tie, reduce=np.mean))
+            w.fold(name, s)
+            info.update(awq_rel_err=float(f"{err:.3g}"), rtn_rel_err=float(f"{rtn:.3g}"))
+        if precision in ("int8", "fp8"):
+            info["act_absmax"] = round(float(amax.max()), 4)
+        layers[name] = info
+    for name in names:  # after all folding: a later module's fold may edit an earlier weight's columns
+        if precision == "int4":
+            q, sc = quant_int4_blocks(w[name], options.weight_block)
+            rw.int4(name, q, sc, w[name].shape[0], options.int4_format)
+        elif precision == "int8":
+            q8, sc = quant_int8_channel(w[name], 63 if options.int8_reduce_range else 127)
+            rw.qdq(name, q8, sc, layers[name]["act_absmax"] / 127.0, np.array(0, np.int8))
+        else:
+            qf, sc = quant_fp8_channel(w[name])
+            rw.qdq(name, qf, sc, layers[name]["act_absmax"] / FP8_MAX, np.array(0, ml_dtypes.float8_e4m3fn))
+        w.arrays.pop(name)
+    for name, array in w.arrays.items():  # norms and the qkv bias that absorbed scales
+        rw.replace(name, array)
+    return layers
+
+
+def _tokenizer_dir(model_dir: Path, artifact: Path) -> Path | None:
+    for d in (artifact, model_dir):
+        if (d / "tokenizer.json").is_file():
+            return d
+    return None
+
+
+def rewrite_file(artifact: Path, cfg: Any, precision: str, options: QuantOptions, stats: Stats) -> dict[str, Any]:
+    """Load ``artifact/model.onnx``, quantize, write beside it, then swap files (old external data removed)."""
+    from glm_export.export import EXTERNAL_DATA_THRESHOLD, ONNX_DATA, ONNX_FILE
+
+    src = artifact / ONNX_FILE
+    model = ir.load(src)
+    layers = quantize_graph(model, cfg, precision, options, stats)
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    stage = artifact / ".quantize"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    external = total > EXTERNAL_DATA_THRESHOLD
+    ir.save(model, stage / ONNX_FILE, external_data=ONNX_DATA if external else None)
+    del model
+    gc.collect()
+    (artifact / ONNX_DATA).unlink(missing_ok=True)
+    if external:
+        os.replace(stage / ONNX_DATA, artifact / ONNX_DATA)
+    os.replace(stage / ONNX_FILE, src)
+    shutil.rmtree(stage)
+    return {"layers": layers, "weight_bytes": total}
 
 
 def quantize_into(model_dir: Path, artifact: Path, precision: str, options: QuantOptions) -> dict[str, Any]:
     """Quantize ``artifact/model.onnx`` in place (a staging directory); return the report's section."""
-    raise NotImplementedError(
-        f"--precision {precision} is not implemented in this version of glm-export yet; "
-        f"use --precision fp32 (runs on ONNX Runtime CPU), fp16 or bf16"
-    )
+    from glm_export.checkpoint import Checkpoint, load_model
+
+    check_options(precision, options)
+    t0 = time.perf_counter()
+    ckpt = Checkpoint(model_dir)
+    cfg = ckpt.config
+    records = calibrate.load_records(options.calibration)
+    seqs, note = calibrate.tokenize(records, _tokenizer_dir(Path(model_dir), Path(artifact)), cfg.vocab_size,
+                                    options.calib_samples, options.calib_seq_len)
+    if "random token ids" in note:
+        console.print(f"[yellow]note:[/] {note}")
+    model = load_model(ckpt, torch.float32)
+    stats = calibrate.collect(model, seqs, note)
+    del model
+    gc.collect()
+    t1 = time.perf_counter()
+    console.print(f"quantizing the graph to {precision}")
+    edited = rewrite_file(Path(artifact), cfg, precision, options, stats)
+    t2 = time.perf_counter()
+    report: dict[str, Any] = {
+        "precision": precision, "options": asdict(options), "calibration": stats.to_report(),
+        "scheme": describe(precision, options), **edited,
+        "timings": {"calibrate_s": round(t1 - t0, 2), "rewrite_s": round(t2 - t1, 2)},
+    }
+    if options.accuracy_samples > 0:
+        try:
+            report["accuracy"] = accuracy.measure(Path(model_dir), Path(artifact),
+                                                  _tokenizer_dir(Path(model_dir), Path(artifact)),
+                                                  samples=options.accuracy_samples)
+        except Exception as e:  # e.g. an fp16 graph ONNX Runtime CPU cannot run: report it, keep the artifact
+            report["accuracy"] = {"status": "skipped", "reason": f"ONNX Runtime CPU could not run the graph: {e}"}
+        report["timings"]["accuracy_s"] = round(time.perf_counter() - t2, 2)
+    report["markdown"] = markdown(report)
+    return report
+
+
+def describe(precision: str, options: QuantOptions) -> str:
+    head = " and lm_head" if options.quantize_lm_head else " (lm_head fp32)"
+    if precision == "int8":
+        sm = f"SmoothQuant alpha {options.smoothquant_alpha}" if options.smoothquant_alpha else "no smoothing"
+        bits = "7-bit range (reduce_range)" if options.int8_reduce_range else "full range"
+        return (f"W8A8 on qkv/o_proj/gate_up/down{head}: int8 per-channel weights ({bits}), static per-tensor int8 "
+                f"activations ({sm}); embedding, norms, attention and KV cache fp32")
+    if precision == "fp8":
+        return (f"FP8 E4M3 on qkv/o_proj/gate_up/down{head}: per-channel weight scales, static per-tensor "
+                f"activation scales; embedding, norms, attention and KV cache fp32")
+    fmt = "MatMulNBits (accuracy_level 4)" if options.int4_format == "nbits" else "blocked DequantizeLinear"
+    return (f"INT4 weight-only on qkv/o_proj/gate_up/down{head}: symmetric blocks of {options.weight_block}, "
+            f"{options.weight_method.upper()}, as {fmt}; activations fp32")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["## Quantization", "", report["scheme"] + ".", "",
+             f"Calibration: {report['calibration']['note']} ({report['calibration']['tokens']} tokens).", ""]
+    acc = report.get("accuracy")
+    if acc and acc.get("status") == "skipped":
+        lines += [f"Accuracy: skipped: {acc['reason']}", ""]
+    elif acc:
+        lines += accuracy.markdown_table(acc)
+    return "\n".join(lines) + "\n"
+

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from glm_runtime.config import ModelConfig
-from glm_runtime.manifest import read_manifest
 from typer.testing import CliRunner
 
 from glm_export.cli import app
+from glm_runtime.config import ModelConfig
+from glm_runtime.manifest import read_manifest
 
 runner = CliRunner()
 
@@ -55,12 +55,29 @@ def test_build_without_a_model_uses_the_builtin_tiny(tmp_path: Path, monkeypatch
     assert (tmp_path / "cache" / "builtin-tiny-v1" / "tokenizer.model").is_file()
 
 
-def test_build_quantized_precision_is_a_clear_error(tmp_path: Path) -> None:
-    r = runner.invoke(app, ["build", str(tmp_path), "--precision", "int8", "-o", str(tmp_path / "o")])
-    assert r.exit_code == 1 and "--precision int8 is not implemented" in r.output
+def test_build_quantized_bad_input_is_refused_before_any_work(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jsonl"
+    r = runner.invoke(app, ["build", str(tmp_path), "--precision", "int8", "--calibration", str(missing),
+                            "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "nope.jsonl" in r.output
+    r = runner.invoke(app, ["build", str(tmp_path), "--precision", "int4", "--weight-block", "100",
+                            "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "--weight-block 100" in r.output
     assert not (tmp_path / "o").exists()
 
 
 def test_unknown_precision_is_rejected_by_the_cli(tmp_path: Path) -> None:
     r = runner.invoke(app, ["build", "--precision", "int3", "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and "int3" in r.output
+
+
+def test_build_int8_on_onnxruntime_end_to_end(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "int8"
+    r = runner.invoke(app, ["build", str(tiny_checkpoint), "--precision", "int8", "--backend", "onnxruntime",
+                            "--calib-samples", "8", "--calib-seq-len", "64", "--accuracy-samples", "2", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = read_manifest(out)
+    assert manifest["precision"] == "int8" and "DequantizeLinear" in manifest["graph"]["ops"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantization"]["accuracy"]["top1_agreement"] > 0.5
+    assert "KL" in (out / "report.md").read_text()

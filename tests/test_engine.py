@@ -7,13 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from glm_runtime.manifest import read_manifest
 from typer.testing import CliRunner
 
 from glm_export import engine as engine_mod
 from glm_export.build import build_artifact, pick_backend
 from glm_export.cli import app
 from glm_export.engine import EngineError, EngineSpec, check_engine, choose_backend
+from glm_runtime.manifest import read_manifest
 
 trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT for RTX not installed (CI installs it)")
 runner = CliRunner()
@@ -112,3 +112,19 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_manifest_engine_metadata_is_json(fp16_engine_artifact: Path) -> None:
     entry = json.loads((fp16_engine_artifact / "manifest.json").read_text())["engines"][0]
     assert set(entry) >= {"backend", "flavour", "version", "targets", "precision", "profiles", "spec", "build_s"}
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8", "int4"])
+def test_quantized_engines(tmp_path: Path, tiny_checkpoint: Path, precision: str) -> None:
+    """The quantized graphs (fp16 base, Q/DQ / blocked DequantizeLinear) build into real engines."""
+    from glm_export.quantize import QuantOptions
+
+    spec = EngineSpec("tensorrt-rtx", max_context=128, max_prefill=32, targets=("8.9",))
+    quant = QuantOptions(calib_samples=8, calib_seq_len=64, accuracy_samples=0)
+    manifest = build_artifact(tiny_checkpoint, tmp_path / precision, precision, backend="tensorrt-rtx",
+                              engine=spec, quant=quant, validate=False)
+    (entry,) = manifest["engines"]
+    assert entry["precision"] == precision and entry["check"]["well_formed"]
+    ops = set(manifest["graph"]["ops"])
+    assert {"QuantizeLinear", "DequantizeLinear"} & ops if precision != "int4" else "DequantizeLinear" in ops
+    assert read_manifest(tmp_path / precision)["precision"] == precision

@@ -1,0 +1,222 @@
+"""Calibration: read a calibration set, turn it into token ids, and collect activation statistics.
+
+Statistics come from the PyTorch model (the numerical reference), not from the ONNX graph: forward hooks on
+every :class:`~glm_export.model.Linear` see exactly the tensor each quantized ``MatMul`` of the graph gets
+(the graph's MatMul initializers *are* these modules' weights, ``docs/graph.md``). Per module we keep the
+per-input-channel abs-max (SmoothQuant, static activation scales), the per-channel mean |x| (AWQ) and a
+fixed-size random sample of input rows (AWQ's scale search and the SmoothQuant error check); per layer the
+abs-max of K (after RoPE) and V as written into the cache.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glm_export.progress import console, count_progress
+
+MIN_SAMPLES = 8  # fewer gives scales that one odd prompt decides
+MIN_TOKENS = 8
+ROWS_KEPT = 256  # input rows sampled per module for AWQ's search
+
+
+class CalibrationError(ValueError):
+    """Unusable calibration input; the message says how to fix it."""
+
+
+def default_calibration_path() -> Path:
+    """The shipped set: ``glm_export/calibration`` in a wheel (mapped from the top-level ``calibration/``),
+    the top-level ``calibration/`` in a source tree."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "calibration" / "default.jsonl", here.parent / "calibration" / "default.jsonl"):
+        if candidate.is_file():
+            return candidate
+    raise CalibrationError("the shipped calibration set (calibration/default.jsonl) is missing from this install; "
+                           "pass --calibration PATH.jsonl or reinstall glm-export")
+
+
+def heldout_path() -> Path:
+    """Held-out text for the accuracy report (never used for calibration)."""
+    return default_calibration_path().with_name("heldout.jsonl")
+
+
+def resolve_path(spec: str) -> Path:
+    return default_calibration_path() if spec == "default" else Path(spec)
+
+
+def load_records(spec: str) -> list[dict[str, Any]]:
+    """Records ``{"messages": [...], "tools"?: [...]}`` or ``{"text": ...}`` from JSONL, or paragraphs of a .txt.
+
+    Raises :class:`CalibrationError` naming the file and line for anything else.
+    """
+    path = resolve_path(spec)
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} not found: pass --calibration default or a .jsonl/.txt path")
+    text = path.read_text(encoding="utf-8", errors="strict")
+    if path.suffix == ".txt":
+        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+        return [{"text": p} for p in paragraphs]
+    if path.suffix not in (".jsonl", ".json"):
+        raise CalibrationError(f"{path}: unknown calibration format {path.suffix!r}; use .jsonl (one JSON object "
+                               f"per line: {{\"messages\": [...]}} or {{\"text\": \"...\"}}) or .txt (plain text)")
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"{path}:{n}: not JSON ({e.msg}); each line must be one JSON object") from None
+        if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+            records.append(rec)
+        elif isinstance(rec, dict) and isinstance(rec.get("messages"), list) and all(
+                isinstance(m, dict) and "role" in m for m in rec["messages"]):
+            records.append(rec)
+        else:
+            raise CalibrationError(f"{path}:{n}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}} "
+                                   f"or {{\"text\": \"...\"}}, got {str(rec)[:80]!r}")
+    return records
+
+
+def check_calibration(spec: str, samples: int) -> None:
+    """Cheap up-front check (format and size), so a bad file fails before the export, not after."""
+    if samples < MIN_SAMPLES:
+        raise CalibrationError(f"--calib-samples {samples} is too few: use at least {MIN_SAMPLES} (default 256)")
+    records = load_records(spec)
+    if len(records) < MIN_SAMPLES:
+        raise CalibrationError(f"{resolve_path(spec)} has {len(records)} usable samples; at least {MIN_SAMPLES} are "
+                               f"needed (the shipped set has 288: --calibration default)")
+
+
+def tokenize(records: Sequence[dict[str, Any]], tokenizer_dir: Path | None, vocab_size: int, samples: int,
+             seq_len: int, seed: int = 0) -> tuple[list[list[int]], str]:
+    """Token id sequences (each at most ``seq_len``) and a note saying how they were made.
+
+    Chat records go through the checkpoint's own chat template, as the deployed model will see them. Without
+    a tokenizer there is no faithful way to turn text into ids, so random ids stand in, and the note says so.
+    """
+    from glm_runtime.tokenizer import GLMTokenizer, TokenizerFileError
+
+    tok = None
+    if tokenizer_dir is not None:
+        try:
+            tok = GLMTokenizer.from_dir(tokenizer_dir)
+        except TokenizerFileError:
+            tok = None
+    if tok is None:
+        gen = torch.Generator().manual_seed(seed)
+        ids = [torch.randint(0, vocab_size, (seq_len,), generator=gen).tolist() for _ in range(samples)]
+        return ids, (f"the checkpoint has no tokenizer: calibrated on {samples} sequences of random token ids "
+                     f"(statistics of real text need tokenizer.json / tokenizer.model beside the weights)")
+    out: list[list[int]] = []
+    templated = tok.chat_template is not None
+    for rec in records[:samples]:
+        if "messages" in rec and templated:
+            ids = tok.apply_chat_template(rec["messages"], tools=rec.get("tools"), add_generation_prompt=False)
+        else:
+            text = rec.get("text") or "\n".join(str(m.get("content") or "") for m in rec["messages"])
+            ids = tok.encode(text)
+        ids = [i for i in ids if i < vocab_size][:seq_len]  # type: ignore[union-attr]
+        if len(ids) >= MIN_TOKENS:
+            out.append(ids)
+    if len(out) < MIN_SAMPLES:
+        raise CalibrationError(f"only {len(out)} calibration samples have {MIN_TOKENS}+ tokens; at least "
+                               f"{MIN_SAMPLES} are needed")
+    how = "the checkpoint's chat template" if templated else "plain text (the tokenizer has no chat template)"
+    return out, f"{len(out)} samples rendered through {how}, truncated to {seq_len} tokens"
+
+
+@dataclass
+class ModuleStats:
+    """What one ``Linear`` input looked like over the calibration set (fp32, per input channel)."""
+
+    absmax: torch.Tensor
+    abssum: torch.Tensor
+    count: int = 0
+    rows: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        return self.abssum / max(self.count, 1)
+
+    def sample_rows(self) -> torch.Tensor:
+        return torch.cat(self.rows)[-ROWS_KEPT:] if self.rows else torch.zeros(0, self.absmax.numel())
+
+
+@dataclass
+class Stats:
+    modules: dict[str, ModuleStats]  # keyed by weight name, e.g. "layers.0.qkv.weight"
+    kv_absmax: dict[str, float]  # "past_key_0" -> abs-max of K after RoPE written into the cache
+    tokens: int
+    note: str
+
+    def to_report(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "note": self.note,
+                "activation_absmax": {k: round(float(v.absmax.max()), 4) for k, v in self.modules.items()},
+                "activation_outlier_ratio": {k: round(float(v.absmax.max() / v.absmax.median().clamp_min(1e-12)), 2)
+                                             for k, v in self.modules.items()},
+                "kv_absmax": {k: round(v, 4) for k, v in self.kv_absmax.items()}}
+
+
+def logit_rows(n: int, vocab_size: int) -> int:
+    return min(n, max(1, (1 << 24) // vocab_size))
+
+
+def collect(model: torch.nn.Module, sequences: Sequence[Sequence[int]], note: str = "", seed: int = 0) -> Stats:
+    """Run every sequence through the model once (prefill, batch 1) with hooks on every ``Linear`` input."""
+    from glm_export.model import Linear
+
+    stats: dict[str, ModuleStats] = {}
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = max(1, ROWS_KEPT // max(len(sequences), 1) + 1)
+
+    def hook(name: str):
+        def fn(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            a = x.abs()
+            s = stats.get(name)
+            if s is None:
+                s = stats[name] = ModuleStats(torch.zeros(x.shape[1]), torch.zeros(x.shape[1], dtype=torch.float64))
+            torch.maximum(s.absmax, a.amax(0), out=s.absmax)
+            s.abssum += a.sum(0, dtype=torch.float64)
+            s.count += x.shape[0]
+            pick = torch.randint(0, x.shape[0], (min(per_seq, x.shape[0]),), generator=gen)
+            s.rows.append(x[pick].clone())
+            if sum(r.shape[0] for r in s.rows) > 2 * ROWS_KEPT:
+                s.rows = [torch.cat(s.rows)[-ROWS_KEPT:]]
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(f"{n}.weight")) for n, m in model.named_modules()
+               if isinstance(m, Linear)]
+    cfg = model.cfg  # type: ignore[attr-defined]
+    kv: dict[str, float] = {}
+    tokens = 0
+    try:
+        with torch.no_grad(), count_progress() as progress:
+            task = progress.add_task("calibrating", total=len(sequences))
+            for seq in sequences:
+                ids = torch.tensor([list(seq)], dtype=torch.int64)
+                n = ids.shape[1]
+                pos = torch.arange(n).view(1, n)
+                cache = model.new_cache(1, n)  # type: ignore[operator]
+                # lm_head sees the last positions' rows (at most ~64 MB of logits): enough rows for a range.
+                k = logit_rows(n, cfg.vocab_size)
+                model(ids, pos, torch.arange(n - k, n).view(1, k), *cache)
+                for i in range(cfg.num_layers):
+                    for j, kind in enumerate(("key", "value")):
+                        name = f"past_{kind}_{i}"
+                        kv[name] = max(kv.get(name, 0.0), float(cache[2 * i + j].abs().max()))
+                tokens += n
+                progress.advance(task)
+    finally:
+        for h in handles:
+            h.remove()
+    for s in stats.values():
+        s.rows = [s.sample_rows()]
+    console.print(f"calibrated on {len(sequences)} sequences, {tokens} tokens")
+    return Stats(stats, kv, tokens, note)

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Artifact size and ONNX Runtime CPU decode speed per precision, side by side with fp32, in one run.
+
+    PYTHONPATH=.:runtime python scripts/bench_quant.py /work/models/glm-4-9b-2layer \
+        --fp32 /work/models/2layer-onnx --work /tmp/bench-quant --calib-samples 16
+
+The fp32 graph (``--fp32``, or exported into ``--work``) is quantized into ``--work/<precision>`` unless that
+artifact already exists; the fp32 files are copied first and never modified. Decoding uses IO binding with the
+same cache
+buffer bound as input and output (in place, as the runtime does), fixed threads, medians over runs. The
+bandwidth bound is measured read bandwidth (a 2-thread torch reduction over 1 GiB) divided by the bytes a
+decode step must read: every weight except the embedding (a Gather reads one row) plus the KV cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from glm_export.checkpoint import Checkpoint
+from glm_export.quantize import QuantOptions, quantize_into
+
+
+def read_bandwidth(threads: int, runs: int = 7) -> dict[str, float]:
+    """Read bandwidth two ways, best of ``runs``: a torch reduction over 1 GiB, and ONNX Runtime's own fp32 GEMV
+    over a 1 GiB weight (the decode workload; it reads a few % faster here than the reduction)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    torch.set_num_threads(threads)
+    t = torch.ones(2**28)
+    best = min(_timed(t.sum) for _ in range(runs))
+    k, n = 8192, 32768
+    w = numpy_helper.from_array(np.full((k, n), 0.5, np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [w])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(helper.make_model(g).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    x = {"x": np.ones((1, k), np.float32)}
+    gemv = min(_timed(lambda: sess.run(None, x)) for _ in range(runs))
+    return {"torch_sum": 2**30 / best, "ort_gemv": k * n * 4 / gemv}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def weight_bytes(artifact: Path) -> tuple[int, int]:
+    """(bytes of all initializers, bytes a decode step reads: all but the embedding)."""
+    m = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
+    total = per_token = 0
+    for t in m.graph.initializer:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(
+            t.data_type, 8 * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
+        nbytes = (n * bits + 7) // 8
+        total += nbytes
+        if t.name != "embed.weight":
+            per_token += nbytes
+    return total, per_token
+
+
+def decode_speed(artifact: Path, cfg, threads: int, prompt: int, tokens: int, runs: int) -> dict[str, float]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(artifact / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    cache_len = prompt + tokens
+    shape = (1, cfg.num_kv_heads, cache_len, cfg.head_dim)
+    caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in range(2 * cfg.num_layers)]
+    names = [f"{kv}_{i}" for i in range(cfg.num_layers) for kv in ("key", "value")]
+    rng = np.random.default_rng(0)
+    prefill_ms, tok_s = [], []
+    for _ in range(runs):
+        binding = sess.io_binding()
+        for name, c in zip(names, caches, strict=True):
+            binding.bind_ortvalue_input(f"past_{name}", c)
+            binding.bind_ortvalue_output(f"present_{name}", c)
+        binding.bind_output("logits")
+
+        def step(ids: np.ndarray, pos: np.ndarray, last: np.ndarray, b: ort.IOBinding = binding) -> int:
+            b.bind_cpu_input("input_ids", ids)
+            b.bind_cpu_input("position_ids", pos)
+            b.bind_cpu_input("logits_index", last)
+            sess.run_with_iobinding(b)
+            return int(b.get_outputs()[0].numpy()[0, -1].argmax())
+
+        ids = rng.integers(0, cfg.vocab_size, (1, prompt), dtype=np.int64)
+        t0 = time.perf_counter()
+        tok = step(ids, np.arange(prompt, dtype=np.int64)[None], np.array([[prompt - 1]], np.int64))
+        t1 = time.perf_counter()
+        for i in range(tokens):
+            tok = step(np.array([[tok]], np.int64), np.array([[prompt + i]], np.int64), np.zeros((1, 1), np.int64))
+        t2 = time.perf_counter()
+        prefill_ms.append(1000 * (t1 - t0))
+        tok_s.append(tokens / (t2 - t1))
+    return {"prefill_ms": statistics.median(prefill_ms), "decode_tok_s": statistics.median(tok_s)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--fp32", type=Path, help="an existing fp32 artifact of MODEL (else exported into --work)")
+    ap.add_argument("--work", type=Path, default=Path("bench-quant"))
+    ap.add_argument("--precisions", default="fp32,int8,fp8,int4")
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seq-len", type=int, default=128)
+    ap.add_argument("--accuracy-samples", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    cfg = Checkpoint(args.model).config
+    args.work.mkdir(parents=True, exist_ok=True)
+    fp32 = args.fp32
+    if fp32 is None:
+        from glm_export.export import export_onnx
+
+        fp32 = args.work / "fp32"
+        if not (fp32 / "model.onnx").is_file():
+            export_onnx(args.model, fp32)
+    bws = read_bandwidth(args.threads)
+    bw = max(bws.values())
+    rows = []
+    for precision in args.precisions.split(","):
+        art = fp32 if precision == "fp32" else args.work / precision
+        if precision != "fp32" and not (art / "model.onnx").is_file():
+            shutil.rmtree(art, ignore_errors=True)
+            art.mkdir(parents=True)
+            for f in fp32.iterdir():  # copies: onnx_ir refuses hard-linked external data
+                if f.is_file():
+                    shutil.copyfile(f, art / f.name)
+            opts = QuantOptions(calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                                accuracy_samples=args.accuracy_samples)
+            t0 = time.perf_counter()
+            report = quantize_into(args.model, art, precision, opts)
+            (art / "quantization.md").write_text(report["markdown"])
+            (art / "quantization.json").write_text(json.dumps(report, indent=1))
+            print(f"{precision}: quantized in {time.perf_counter() - t0:.0f} s")
+        files = sum(f.stat().st_size for f in art.glob("model.onnx*"))
+        _, per_token = weight_bytes(art)
+        kv = 2 * cfg.num_layers * cfg.num_kv_heads * (args.prompt + args.tokens) * cfg.head_dim * 4
+        speed = decode_speed(art, cfg, args.threads, args.prompt, args.tokens, args.runs)
+        bound = bw / (per_token + kv)
+        rows.append((precision, files, per_token, speed, bound))
+        print(f"{precision}: {speed}", flush=True)
+    print(f"\nread bandwidth ({args.threads} threads): torch reduction {bws['torch_sum'] / 1e9:.1f} GB/s, ONNX "
+          f"Runtime fp32 GEMV {bws['ort_gemv'] / 1e9:.1f} GB/s; the bound uses the larger.\n"
+          f"ONNX Runtime {ort.__version__}, {args.threads} threads, prompt {args.prompt}, {args.tokens} decode "
+          f"tokens, median of {args.runs}\n")
+    print("| precision | model files | bytes read per token | prefill ms | decode tok/s | bound tok/s | of bound |")
+    print("|---|---|---|---|---|---|---|")
+    for precision, files, per_token, speed, bound in rows:
+        print(f"| {precision} | {files / 2**30:.2f} GiB | {per_token / 2**30:.2f} GiB | {speed['prefill_ms']:.0f} | "
+              f"{speed['decode_tok_s']:.1f} | {bound:.1f} | {speed['decode_tok_s'] / bound:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
