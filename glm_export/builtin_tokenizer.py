@@ -25,10 +25,10 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from glm_runtime.tokenizer import FIRST_SPECIAL_ID, GLM4_PATTERN, SPECIAL_TOKENS, bytes_to_unicode
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
 from glm_export.atomic import write_text
+from glm_runtime.tokenizer import FIRST_SPECIAL_ID, GLM4_PATTERN, SPECIAL_TOKENS, bytes_to_unicode
 
 CORPUS_FILES = ("builtin_corpus_en.txt", "builtin_corpus_zh.txt", "builtin_corpus_code.txt")
 #: Size the BPE trainer aims for (bytes + merges); the small corpus supports about this many useful merges.

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from glm_runtime.config import ModelConfig
 from safetensors import safe_open
 
 from glm_export import rotary
 from glm_export.model import GLM4, is_matmul_weight
+from glm_runtime.config import ModelConfig
 
 # canonical name template -> per layout, the checkpoint names whose rows are concatenated to form it.
 LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {

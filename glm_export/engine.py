@@ -28,10 +28,10 @@ from types import ModuleType
 from typing import Any
 
 import onnx
-from glm_runtime import manifest as mf
 
 from glm_export import atomic
 from glm_export.progress import console, count_progress
+from glm_runtime import manifest as mf
 
 BACKENDS = ("tensorrt", "tensorrt-rtx", "onnxruntime")
 MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx_bindings"}

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from glm_runtime.config import ModelConfig
 from torch import nn
 
 from glm_export import rotary
+from glm_runtime.config import ModelConfig
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from glm_runtime.config import ModelConfig
 from safetensors.torch import save_file
 
 from glm_export import atomic
 from glm_export.checkpoint import canonical_shapes, source_parts
 from glm_export.progress import bytes_progress
+from glm_runtime.config import ModelConfig
 
 # GLM-4-9B's shapes (glm-4-9b-chat: rope_ratio 500, 128K context).
 GLM4_9B = ModelConfig(

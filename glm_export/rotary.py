@@ -15,6 +15,7 @@ computing them in-graph from ``position_ids`` avoids a ``max_position x rotary_d
 from __future__ import annotations
 
 import torch
+
 from glm_runtime.config import ModelConfig
 
 

@@ -21,7 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "runtime"), str(REPO)]
 
 from glm_runtime.tokenizer import GLMTokenizer  # noqa: E402
-
 from tests.text_corpus import (  # noqa: E402
     builtin_raw_dir,
     converted_tokenizer_dir,

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from glm_runtime.tokenizer import GLMTokenizer
 
 from glm_export.builtin_tokenizer import write_builtin_tokenizer
+from glm_runtime.tokenizer import GLMTokenizer
 from tests import text_corpus
 from tests.text_corpus import GLM4_SPECIALS, builtin_raw_dir, builtin_tokenizer_dir, tiktoken_reference
 

@@ -10,9 +10,9 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import pytest
+
 from glm_runtime.chat_template import ChatTemplateError, render_chat_template
 from glm_runtime.tokenizer import GLMTokenizer
-
 from tests.text_corpus import converted_tokenizer_dir, tiktoken_reference
 
 WEATHER = {

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from glm_runtime.config import ConfigError, ModelConfig
 
 from glm_export.random_model import PRESETS, hf_config
+from glm_runtime.config import ConfigError, ModelConfig
 from tests.conftest import REFERENCE_MODELS
 
 # Numbers from ../shared/docs/glm4-model.md's variant table, stated independently of the files.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from glm_runtime.detokenize import StreamDecoder
 from glm_runtime.tokenizer import GLMTokenizer
-
 from tests import text_corpus
 from tests.text_corpus import (
     EDGE_CASES,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from glm_runtime.engine_trt import TensorRTError, TrtEngine, check_compatibility
 
 ENTRY = {"backend": "tensorrt-rtx", "flavour": "TensorRT for RTX", "version": "1.7.1.116", "precision": "fp8",
@@ -41,11 +42,10 @@ def test_without_a_gpu_loading_says_so(tmp_path: Path) -> None:
 @pytest.mark.skipif(not gpu(), reason="needs an NVIDIA GPU: the engine is built ahead of time here but cannot run")
 def test_engine_logits_match_onnx_runtime(tmp_path: Path, tiny_checkpoint: Path, tiny_artifact: Path) -> None:
     """fp16 engine vs the fp32 ONNX graph in ONNX Runtime: same greedy tokens, logits within fp16 error."""
-    from glm_runtime.manifest import model_config, read_manifest
-
     from glm_export.build import build_artifact
     from glm_export.engine import EngineSpec, choose_backend
     from glm_export.validate import OrtGraph, pad_prompts
+    from glm_runtime.manifest import model_config, read_manifest
 
     backend = choose_backend(None)[0]
     out = tmp_path / "trt"

@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from glm_runtime.manifest import ArtifactError, read_manifest
 from typer.testing import CliRunner
 
 from glm_export import export as export_mod
@@ -22,6 +21,7 @@ from glm_export.checkpoint import load_model
 from glm_export.cli import app
 from glm_export.export import export_onnx
 from glm_export.validate import OrtGraph, compare
+from glm_runtime.manifest import ArtifactError, read_manifest
 
 TOL = 1e-4
 

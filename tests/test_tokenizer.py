@@ -8,13 +8,13 @@ import random
 from pathlib import Path
 
 import pytest
+
 from glm_runtime.tokenizer import (
     GLMTokenizer,
     TokenizerFileError,
     convert_tiktoken_file,
     write_tokenizer_json,
 )
-
 from tests import text_corpus
 from tests.text_corpus import EDGE_CASES, GLM4_SPECIALS, converted_tokenizer_dir, tiktoken_reference
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from glm_runtime.chat_template import render_chat_template
 from glm_runtime.tool_calls import (
     ParsedOutput,
