@@ -4,3 +4,7 @@ Bottom to top: ``config`` and ``manifest``; tokenizer, chat template, tool calls
 """
 
 __version__ = "0.1.0"
+
+from glm_runtime.api import LLM, Chunk, Completion, load
+
+__all__ = ["LLM", "Chunk", "Completion", "__version__", "load"]

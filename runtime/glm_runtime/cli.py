@@ -1,0 +1,324 @@
+"""``glm-runtime``: generate and chat from an artifact directory. Errors become one red line, not a traceback.
+
+Text goes to stdout (JSON with ``--json``); progress, the KV-cache arithmetic and timings go to stderr, so
+the output can be piped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from functools import wraps
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run GLM-4 artifacts made by glm-export (ONNX Runtime; no torch).")
+console = Console(stderr=True, highlight=False)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Verify(str, Enum):
+    hash = "hash"
+    size = "size"
+    none = "none"
+
+
+def friendly_errors(fn: F) -> F:
+    """The runtime's errors are ValueErrors whose message says what to do: print that, exit 1."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as e:
+            console.print(f"[bold red]error:[/] {e}", soft_wrap=True, markup=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only on stderr.")] = False,
+         ) -> None:
+    logger = logging.getLogger("glm_runtime")
+    for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record comes (test runners swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+# ---- options shared by the commands ------------------------------------------------------------------
+Artifact = Annotated[Path, typer.Argument(help="Artifact directory made by glm-export (has manifest.json).")]
+MaxNew = Annotated[int | None, typer.Option(help="Tokens to generate at most (default: generation_config.json, "
+                                                 "else 512, capped by the context).")]
+Temperature = Annotated[float | None, typer.Option(help="0 = greedy. Default: generation_config.json.")]
+TopP = Annotated[float | None, typer.Option(help="Nucleus sampling mass (default: generation_config.json).")]
+TopK = Annotated[int | None, typer.Option(help="Sample among the k best (0 = off; default 50 as transformers).")]
+RepPenalty = Annotated[float | None, typer.Option(help="transformers-style repetition penalty (1 = off).")]
+Seed = Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same sampled text.")]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop when the text contains this (repeatable).")]
+Threads = Annotated[int | None, typer.Option(help="Intra-op threads (default: ONNX Runtime's, one per core).")]
+Provider = Annotated[list[str] | None, typer.Option(
+    "--provider", help="ONNX Runtime execution provider, in order of preference (repeatable; default: "
+                       "TensorRT/CUDA when a GPU and onnxruntime-gpu are present, else CPU).")]
+VerifyOpt = Annotated[Verify, typer.Option(help="Check the artifact's files: sha256, sizes only, or not at all.")]
+PrefillChunk = Annotated[int, typer.Option(help="Prefill long prompts in chunks of this many tokens.")]
+Budget = Annotated[float | None, typer.Option(help="Memory (GB) KV caches may use (default: 80% of available RAM).")]
+Truncate = Annotated[bool, typer.Option(help="Drop the oldest prompt tokens when prompt + max-new-tokens "
+                                             "exceeds the context (default: refuse).")]
+
+
+def _load(artifact: Path, threads: int | None, provider: list[str] | None, verify: Verify, prefill_chunk: int,
+          kv_budget_gb: float | None) -> Any:
+    from glm_runtime.api import load
+
+    budget = int(kv_budget_gb * 1e9) if kv_budget_gb is not None else None
+    with console.status(f"loading {artifact}"):
+        return load(artifact, providers=provider or None, threads=threads, verify=verify.value,
+                    prefill_chunk=prefill_chunk, kv_budget_bytes=budget)
+
+
+def _summary(done: Any) -> str:
+    t = done.timings
+    return (f"[{done.finish_reason} · {t['prompt_tokens']} prompt tokens ({t['reused_tokens']} reused) · "
+            f"{t['generated_tokens']} generated · TTFT {t['ttft_s'] * 1e3:.0f} ms · "
+            f"{t['decode_tokens_per_s']:.1f} tok/s]")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be comma-separated integers like 5,17,300, got {text!r}") from None
+    if not ids:
+        raise ValueError("--prompt-ids is empty: give at least one token id")
+    return ids
+
+
+def _read_messages(path: Path) -> tuple[list[Any], list[Any] | None]:
+    """A JSON list of OpenAI-style messages, or an object with ``messages`` (and optionally ``tools``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if isinstance(data, dict):
+        return data.get("messages"), data.get("tools")  # type: ignore[return-value]
+    return data, None
+
+
+@app.command()
+@friendly_errors
+def generate(
+    artifact: Artifact,
+    prompt: Annotated[str | None, typer.Option(help="Text prompt; sent as a user message through the chat "
+                                                    "template unless --raw.")] = None,
+    prompt_ids: Annotated[str | None, typer.Option(help="Raw token ids, e.g. 5,17,300: nothing is added.")] = None,
+    messages: Annotated[Path | None, typer.Option(help="JSON file: OpenAI-style message list (or "
+                                                       "{messages, tools}).")] = None,
+    raw: Annotated[bool, typer.Option(help="Continue --prompt as plain text ([gMASK]<sop> + text), no chat "
+                                           "template.")] = False,
+    max_new_tokens: MaxNew = None,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    repetition_penalty: RepPenalty = None,
+    seed: Seed = None,
+    stop: Stop = None,
+    ignore_eos: Annotated[bool, typer.Option(help="Don't stop at the model's stop ids (benchmarks).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object: prompt_ids, output_ids, text, "
+                                                          "finish_reason, timings.")] = False,
+    truncate: Truncate = False,
+    threads: Threads = None,
+    provider: Provider = None,
+    verify: VerifyOpt = Verify.hash,
+    prefill_chunk: PrefillChunk = 512,
+    kv_budget_gb: Budget = None,
+) -> None:
+    """Generate one answer (streamed to stdout, or as JSON)."""
+    given = [name for name, v in (("--prompt", prompt), ("--prompt-ids", prompt_ids), ("--messages", messages))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of --prompt, --prompt-ids, --messages (got {given or 'none'})")
+    ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
+    llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb)
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                "repetition_penalty": repetition_penalty, "seed": seed, "stop": stop, "truncate": truncate}
+    if ids is not None:
+        if llm.tokenizer is None and not json_out:
+            console.print("[yellow]note:[/] this artifact has no tokenizer: output is token ids (text in/out "
+                          "needs a tokenizer)")
+        stream = llm.generate(prompt_ids=ids, stream=True, stop_token_ids=() if ignore_eos else None, **sampling)
+    elif messages is not None:
+        msgs, tools = _read_messages(messages)
+        stream = llm.chat(msgs, tools=tools, stream=True, reuse_cache=False, **sampling)
+    elif raw:
+        stream = llm.generate(prompt, stream=True, stop_token_ids=() if ignore_eos else None, **sampling)
+    else:
+        stream = llm.chat([{"role": "user", "content": prompt}], stream=True, reuse_cache=False, **sampling)
+    done = None
+    for chunk in stream:
+        if not json_out:
+            _write(chunk.text if llm.tokenizer is not None else ",".join(map(str, chunk.token_ids)) + ",")
+        done = chunk.completion or done
+    assert done is not None
+    if json_out:
+        sys.stdout.write(json.dumps(done.to_dict(), ensure_ascii=False) + "\n")
+    else:
+        _write("\n")
+        if done.tool_calls:
+            _write(json.dumps(done.tool_calls, ensure_ascii=False, indent=2) + "\n")
+        console.print(_summary(done), style="dim", markup=False)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@contextmanager
+def _interrupt_flag() -> Iterator[threading.Event]:
+    """Ctrl-C sets the flag (the answer stops at the next token); a second Ctrl-C interrupts right away."""
+    flag = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield flag
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@app.command()
+@friendly_errors
+def chat(
+    artifact: Artifact,
+    system: Annotated[str | None, typer.Option(help="System message opening the conversation.")] = None,
+    max_new_tokens: MaxNew = None,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    repetition_penalty: RepPenalty = None,
+    seed: Seed = None,
+    stop: Stop = None,
+    threads: Threads = None,
+    provider: Provider = None,
+    verify: VerifyOpt = Verify.hash,
+    prefill_chunk: PrefillChunk = 512,
+    kv_budget_gb: Budget = None,
+) -> None:
+    """Interactive multi-turn chat, streamed. /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops an answer.
+
+    Each turn reuses the conversation's KV cache: only the new message is prefilled.
+    """
+    llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb)
+    if llm.tokenizer is None:
+        raise ValueError(f"{artifact} has no tokenizer, and chat is text in, text out; use "
+                         f"`glm-runtime generate {artifact} --prompt-ids ...` with token ids")
+    tty = sys.stdin.isatty()
+    opening = [{"role": "system", "content": system}] if system else []
+    history: list[dict[str, Any]] = list(opening)
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                "repetition_penalty": repetition_penalty, "seed": seed, "stop": stop}
+    if tty:
+        console.print("[dim]chat with the model; /reset starts over, /exit quits, Ctrl-C stops an answer[/]")
+    while True:
+        try:
+            line = console.input("[bold green]you>[/] ") if tty else input()
+        except (EOFError, KeyboardInterrupt):
+            break
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            history = list(opening)
+            llm.reset()
+            console.print("[dim](conversation reset)[/]")
+            continue
+        if not command:
+            continue
+        history.append({"role": "user", "content": line})
+        if tty:
+            console.print("[bold blue]glm>[/] ", end="")
+        parts: list[str] = []
+        done = None
+        with _interrupt_flag() as interrupted:
+            stream = llm.chat(history, stream=True, **sampling)
+            try:
+                for chunk in stream:
+                    _write(chunk.text)
+                    parts.append(chunk.text)
+                    done = chunk.completion or done
+                    if interrupted.is_set():
+                        break
+            except KeyboardInterrupt:
+                interrupted.set()
+            finally:
+                stream.close()
+        _write("\n")
+        if done is not None:
+            history.append(done.message)
+            console.print(_summary(done), style="dim", markup=False)
+        else:  # interrupted: keep what was said, so the next turn still reuses the cache
+            history.append({"role": "assistant", "content": "".join(parts)})
+            console.print("[interrupted]", style="dim", markup=False)
+
+
+@app.command()
+@friendly_errors
+def info(artifact: Artifact, verify: VerifyOpt = Verify.size) -> None:
+    """What an artifact holds: model shape, precision, files, tokenizer, KV memory per token."""
+    from glm_runtime.engine import format_bytes
+    from glm_runtime.manifest import model_config, read_manifest
+
+    manifest = read_manifest(artifact, verify=verify.value)
+    cfg = model_config(manifest)
+    dtype = manifest.get("dtype", cfg.dtype)
+    per_token = cfg.kv_cache_bytes_per_token(dtype)
+    total = sum(f["bytes"] for f in manifest.get("files", {}).values())
+    rows = [
+        ("model", f"GLM-4, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads / "
+                  f"{cfg.num_kv_heads} KV groups, vocab {cfg.vocab_size}, {cfg.num_parameters() / 1e9:.2f} B params"),
+        ("precision", f"{manifest.get('precision')} ({dtype})"),
+        ("context", f"{cfg.max_position} tokens"),
+        ("KV cache", f"{format_bytes(per_token)}/token ({dtype}); {format_bytes(per_token * cfg.max_position)} "
+                     f"for one full-context sequence"),
+        ("tokenizer", "yes" if manifest.get("tokenizer") else "no (token ids only: --prompt-ids)"),
+        ("files", f"{len(manifest.get('files', {}))}, {format_bytes(total)}"),
+        ("made by", json.dumps(manifest.get("producer", {}))),
+    ]
+    for key, value in rows:
+        sys.stdout.write(f"{key:>10}: {value}\n")

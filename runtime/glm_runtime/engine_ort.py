@@ -1,0 +1,194 @@
+"""The ONNX Runtime engine: the artifact's ``model.onnx`` driven through IO binding.
+
+Why IO binding: the graph's ``TensorScatter`` writes the step's K/V into the cache buffer, and ONNX Runtime
+does that in place only when the *same* OrtValue is bound as ``past_*`` input and ``present_*`` output
+(otherwise it copies the whole cache every step and logs "in-place optimization not activated"). Each
+:class:`OrtKVCache` therefore owns its buffers, its logits buffer and its own binding; a step only rebinds
+the small id/position inputs, and not even those when the caller passes the same arrays again.
+
+Why buffers sized per request: ORT's CPU ``Attention`` computes over the whole cache length, valid or not, so
+a buffer sized to the model's 128K context would make every step cost 128K positions. Caches are sized to
+what a request needs (``engine.round_cache_len``) and grown by :meth:`OrtEngine.resize` when a conversation
+outgrows them.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from glm_runtime.config import ModelConfig
+from glm_runtime.engine import format_bytes
+from glm_runtime.manifest import ArtifactError
+
+log = logging.getLogger(__name__)
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
+
+
+def gpu_present() -> bool:
+    """An NVIDIA GPU this process could use (driver device node or nvidia-smi on the PATH)."""
+    return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
+
+
+def default_providers() -> list[str]:
+    """TensorRT and CUDA first when onnxruntime-gpu and a GPU are both present; always CPU as the fallback."""
+    available = ort.get_available_providers()
+    gpu = [p for p in GPU_PROVIDERS if p in available] if gpu_present() else []
+    return [*gpu, "CPUExecutionProvider"]
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError as e:  # numpy has no bfloat16; ml_dtypes is the standard add-on
+            raise ArtifactError("this artifact's KV cache is bfloat16: `pip install ml_dtypes` to run it") from e
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+class OrtKVCache:
+    """K/V buffers of one batch of sequence slots, plus the logits buffer and the IO binding that use them."""
+
+    def __init__(self, engine: OrtEngine, batch: int) -> None:
+        self.batch = batch
+        self.cache_len = 0
+        self.itemsize = engine.itemsize
+        self.binding = engine.session.io_binding()
+        self.values: list[ort.OrtValue] = []
+        self.arrays: list[np.ndarray] = []  # host arrays behind the OrtValues (CPU only)
+        self.logits = np.empty((batch, 1, engine.config.vocab_size), np.float32)
+        self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        self.bound: dict[str, np.ndarray] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(v.shape())) for v in self.values) * self.itemsize
+
+    def addresses(self) -> list[int]:
+        return [v.data_ptr() for v in self.values]
+
+
+class OrtEngine:
+    """:class:`glm_runtime.engine.Engine` on ONNX Runtime (CPU, CUDA or ORT's TensorRT provider)."""
+
+    def __init__(self, model_path: Path, config: ModelConfig, providers: list[str] | None = None,
+                 threads: int | None = None, log_severity: int = 2) -> None:
+        self.config = config
+        self.model_path = Path(model_path)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = log_severity
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        requested = providers or default_providers()
+        unknown = [p for p in requested if p not in ort.get_available_providers()]
+        if unknown:
+            raise ValueError(f"execution providers {unknown} are not in this onnxruntime "
+                             f"({ort.get_available_providers()}); GPU providers need `pip install onnxruntime-gpu`")
+        size = sum(p.stat().st_size for p in self.model_path.parent.glob(self.model_path.name + "*"))
+        log.info("loading %s (%s) with ONNX Runtime %s on %s, %s threads", self.model_path, format_bytes(size),
+                 ort.__version__, requested, threads or "default")
+        t0 = time.perf_counter()
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), opts, providers=requested)
+        except Exception as e:  # ORT raises its own pybind types (Fail, InvalidGraph, NotImplemented)
+            raise ArtifactError(
+                f"ONNX Runtime {ort.__version__} cannot load {self.model_path}: {e}\nThe graph needs opset 24 "
+                f"(onnxruntime >= 1.22); upgrade onnxruntime or rebuild the artifact with this version") from e
+        log.info("model loaded in %.1f s", time.perf_counter() - t0)
+        self.providers = self.session.get_providers()
+        self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
+        self._check_io()
+        self._dtype = numpy_dtype(self.cache_dtype)
+        self.itemsize = self._dtype.itemsize
+        self._run_s = 0.0
+        self._cache_names = [f"{kv}_{i}" for i in range(config.num_layers) for kv in ("key", "value")]
+
+    def _check_io(self) -> None:
+        cfg = self.config
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        want_in = ["input_ids", "position_ids", "logits_index",
+                   *[f"past_{kv}_{i}" for i in range(cfg.num_layers) for kv in ("key", "value")]]
+        want_out = ["logits", *[f"present_{kv}_{i}" for i in range(cfg.num_layers) for kv in ("key", "value")]]
+        problems = [f"missing input {n}" for n in want_in if n not in inputs]
+        problems += [f"missing output {n}" for n in want_out if n not in outputs]
+        if not problems:
+            cache = inputs["past_key_0"]
+            dims = cache.shape
+            if len(dims) != 4 or dims[1] != cfg.num_kv_heads or dims[3] != cfg.head_dim:
+                problems.append(f"past_key_0 has shape {dims}, the manifest's config implies "
+                                f"[batch, {cfg.num_kv_heads}, cache_len, {cfg.head_dim}]")
+            if cache.type not in _ORT_TYPES:
+                problems.append(f"past_key_0 has type {cache.type}, expected one of {sorted(_ORT_TYPES)}")
+        if problems:
+            raise ArtifactError(f"{self.model_path} does not match its manifest: " + "; ".join(problems)
+                                + ". Rebuild the artifact.")
+        self.cache_dtype = _ORT_TYPES[inputs["past_key_0"].type]
+
+    # ---- Engine protocol ----------------------------------------------------------------------------
+    @property
+    def run_seconds(self) -> float:
+        return self._run_s
+
+    def describe(self) -> str:
+        return f"onnxruntime {ort.__version__} {self.providers[0]} ({self.cache_dtype} KV cache)"
+
+    def allocate(self, batch: int, cache_len: int) -> OrtKVCache:
+        cache = OrtKVCache(self, batch)
+        self._bind_cache(cache, cache_len, keep=0)
+        return cache
+
+    def resize(self, cache: OrtKVCache, cache_len: int, keep: int) -> None:  # type: ignore[override]
+        if cache_len != cache.cache_len:
+            self._bind_cache(cache, cache_len, keep=min(keep, cache.cache_len, cache_len))
+
+    def _bind_cache(self, cache: OrtKVCache, cache_len: int, keep: int) -> None:
+        cfg = self.config
+        shape = (cache.batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
+        old = cache.arrays if self.device == "cpu" or not keep else [v.numpy() for v in cache.values]
+        arrays, values = [], []
+        for i, name in enumerate(self._cache_names):
+            # Zeroed, not empty: masked slots get probability 0, and 0 * NaN from garbage memory would be NaN.
+            arr = np.zeros(shape, self._dtype)
+            if keep:
+                arr[:, :, :keep] = old[i][:, :, :keep]
+            value = ort.OrtValue.ortvalue_from_numpy(arr, self.device, 0)
+            cache.binding.bind_ortvalue_input(f"past_{name}", value)
+            cache.binding.bind_ortvalue_output(f"present_{name}", value)
+            values.append(value)
+            if self.device == "cpu":  # the OrtValue wraps this array: in-place updates are visible in it
+                arrays.append(arr)
+        cache.arrays, cache.values, cache.cache_len = arrays, values, cache_len
+
+    def step(self, cache: OrtKVCache, input_ids: np.ndarray, position_ids: np.ndarray,  # type: ignore[override]
+             logits_index: np.ndarray) -> np.ndarray:
+        bound = cache.bound
+        for name, arr in (("input_ids", input_ids), ("position_ids", position_ids), ("logits_index", logits_index)):
+            if bound.get(name) is not arr:  # the decode loop passes the same (mutated) arrays: no rebinding
+                if arr.dtype != np.int64 or not arr.flags.c_contiguous:
+                    arr = np.ascontiguousarray(arr, dtype=np.int64)
+                cache.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+                bound[name] = arr
+        t0 = time.perf_counter()
+        self.session.run_with_iobinding(cache.binding)
+        self._run_s += time.perf_counter() - t0
+        return cache.logits[:, 0, :]
+
+
+def load_engine(artifact: Path, manifest: dict[str, Any], config: ModelConfig, providers: list[str] | None = None,
+                threads: int | None = None, log_severity: int = 2) -> OrtEngine:
+    graph = manifest.get("graph", {})
+    path = Path(artifact) / graph.get("file", "model.onnx")
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found: this artifact has no ONNX graph for the ONNX Runtime engine")
+    return OrtEngine(path, config, providers, threads, log_severity)
