@@ -419,6 +419,22 @@ class LLM:
         return out  # type: ignore[return-value]
 
 
+def _tensorrt_engine(artifact: Path, manifest: dict[str, Any], cfg: ModelConfig) -> Engine | None:
+    """The artifact's TensorRT engine when one was built and an NVIDIA GPU is here; ``None``: use ONNX Runtime.
+
+    An engine that cannot run on this GPU / TensorRT raises with the fix; pass ``providers`` to use ONNX
+    Runtime instead.
+    """
+    entries = manifest.get("engines") or []
+    gpus = Path("/proc/driver/nvidia/gpus")
+    if not entries or not (gpus.is_dir() and any(gpus.iterdir())):
+        return None
+    from glm_runtime.engine_trt import TrtEngine
+
+    log.info("using the artifact's %s engine (%s)", entries[0]["flavour"], entries[0]["file"])
+    return TrtEngine(artifact, entries[0], cfg)
+
+
 def load(artifact: str | Path, *, providers: list[str] | None = None, threads: int | None = None,
          verify: str = "hash", prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_budget_bytes: int | None = None,
          log_severity: int = 2) -> LLM:
@@ -449,7 +465,9 @@ def load(artifact: str | Path, *, providers: list[str] | None = None, threads: i
     if made_with and _version(onnxruntime.__version__) < _version(made_with):
         log.warning("this artifact was exported with onnxruntime %s; %s is installed (older)", made_with,
                     onnxruntime.__version__)
-    engine = load_engine(artifact, manifest, cfg, providers, threads, log_severity)
+    engine = _tensorrt_engine(artifact, manifest, cfg) if providers is None else None
+    if engine is None:
+        engine = load_engine(artifact, manifest, cfg, providers, threads, log_severity)
     tokenizer = None
     if manifest.get("tokenizer"):
         from glm_runtime.tokenizer import GLMTokenizer
