@@ -207,9 +207,13 @@ def build_engine(artifact: Path, spec: EngineSpec, precision: str, model_max: in
             config.set_compute_capability(getattr(trt.ComputeCapability, RTX_TARGETS[t]), i)
     else:
         targets = spec.targets or ("current GPU",)
+    # A persisted timing cache speeds up rebuilds with data-centre TensorRT; TensorRT-RTX has none (its
+    # timing-cache calls are deprecated no-ops since 1.2), so none is written for it.
     cache_path = Path(artifact) / "engine" / TIMING_CACHE
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=True)
+    use_cache = spec.backend == "tensorrt"
+    if use_cache:
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=True)
     with count_progress() as progress:
         monitor = _Progress(trt, progress)
         config.progress_monitor = monitor.monitor
@@ -222,7 +226,8 @@ def build_engine(artifact: Path, spec: EngineSpec, precision: str, model_max: in
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     (staging / ENGINE_FILE).write_bytes(serialized)
-    atomic.write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    if use_cache:
+        atomic.write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(staging, out_dir)

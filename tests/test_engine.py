@@ -37,7 +37,7 @@ def test_fp16_engine_is_built_and_recorded(fp16_engine_artifact: Path) -> None:
     assert decode["shapes"]["input_ids"] == [[1, 1], [1, 1], [2, 1]]
     assert prefill["shapes"]["input_ids"][2] == [2, 64]
     assert entry["check"]["well_formed"] and "MALFORMED_ENGINE" not in entry["check"]["diagnostics"]
-    assert (fp16_engine_artifact / "engine" / "timing.cache").stat().st_size > 0
+    assert not (fp16_engine_artifact / "engine" / "timing.cache").exists()  # TensorRT-RTX has no timing cache
     report = (fp16_engine_artifact / "report.md").read_text()
     assert "TensorRT for RTX" in report and ("no GPU" in report or entry["check"]["gpu_checked"])
 
