@@ -7,7 +7,6 @@ with ``manifest.json`` written last; a failed or interrupted build leaves the pr
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from glm_export.quantize import (
     quantize_into,
 )
 from glm_export.validate import OrtGraph, compare
+from glm_runtime.engine import available_memory_bytes
 
 FLOAT_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 VALIDATE_PROMPTS = (16, 9, 13)
@@ -104,16 +104,6 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
     return manifest
 
 
-def _available_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
 def validate_artifact(model_dir: Path, artifact: Path, precision: str) -> dict[str, Any]:
     """ONNX Runtime vs PyTorch on random prompts: max logit difference and greedy agreement."""
     ckpt = Checkpoint(model_dir)
@@ -124,9 +114,9 @@ def validate_artifact(model_dir: Path, artifact: Path, precision: str) -> dict[s
         return {"status": "skipped", "reason": f"ONNX Runtime CPU validation covers fp32 graphs; {precision} "
                                                 "graphs are validated on the engine that runs them"}
     need = 2 * 4 * ckpt.config.num_parameters()  # fp32 PyTorch model + ORT session
-    if need > 0.8 * _available_bytes():
+    if need > 0.8 * available_memory_bytes():
         return {"status": "skipped", "reason": f"needs ~{need / 2**30:.0f} GiB (PyTorch + ONNX Runtime in fp32), "
-                                                f"{_available_bytes() / 2**30:.0f} GiB available"}
+                                                f"{available_memory_bytes() / 2**30:.0f} GiB available"}
     console.print("validating: ONNX Runtime vs PyTorch, prefill + decode")
     gen = torch.Generator().manual_seed(0)
     vocab = ckpt.config.vocab_size
