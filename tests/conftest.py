@@ -60,3 +60,18 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pat
     out = tmp_path_factory.mktemp("artifact") / "tiny-onnx"
     export_onnx(tiny_checkpoint, out, "float32")
     return out
+
+
+def copy_without_tokenizer(artifact: Path, dst: Path) -> Path:
+    """A copy of ``artifact`` as an export from a checkpoint with no tokenizer files would leave it."""
+    import json
+    import shutil
+
+    shutil.copytree(artifact, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        (dst / name).unlink()
+        manifest["files"].pop(name, None)
+    manifest["tokenizer"] = False
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst

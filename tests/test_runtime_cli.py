@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from typer.testing import CliRunner
 
 from glm_runtime import load
 from glm_runtime.cli import app
+from tests.conftest import copy_without_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--verify", "size", "--threads", "2"]
@@ -81,14 +81,7 @@ def test_generate_errors_are_one_clear_line(tiny_artifact: Path, args: list[str]
 def test_missing_artifact_and_no_tokenizer(tiny_artifact: Path, tmp_path: Path) -> None:
     result = invoke("generate", tmp_path / "nowhere", "--prompt-ids", "1")
     assert result.exit_code == 1 and "not a glm-export artifact" in result.output
-    bare = tmp_path / "bare"
-    shutil.copytree(tiny_artifact, bare)
-    manifest = json.loads((bare / "manifest.json").read_text())
-    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
-        (bare / name).unlink()
-        manifest["files"].pop(name, None)
-    manifest["tokenizer"] = False
-    (bare / "manifest.json").write_text(json.dumps(manifest))
+    bare = copy_without_tokenizer(tiny_artifact, tmp_path / "bare")
     ok = invoke("generate", bare, "--prompt-ids", "5,17,300", "--max-new-tokens", "3", *FAST)
     assert ok.exit_code == 0 and "no tokenizer" in ok.output
     assert len(ok.stdout.strip().strip(",").split(",")) == 3  # the ids, comma-separated

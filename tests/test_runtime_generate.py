@@ -21,6 +21,7 @@ from glm_runtime.engine import MemoryBudgetError
 from glm_runtime.generator import ContextLengthError, Session, fit_context
 from glm_runtime.manifest import ArtifactError
 from glm_runtime.sampling import SamplingParams
+from tests.conftest import copy_without_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = {"temperature": 0, "stop_token_ids": ()}
@@ -238,14 +239,7 @@ def test_corrupted_or_mismatched_artifact_is_refused(tmp_path: Path, tiny_artifa
 
 
 def test_artifact_without_tokenizer_generates_from_ids(tmp_path: Path, tiny_artifact: Path, llm: LLM) -> None:
-    bare = tmp_path / "bare"
-    shutil.copytree(tiny_artifact, bare)
-    manifest = json.loads((bare / "manifest.json").read_text())
-    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
-        (bare / name).unlink()
-        manifest["files"].pop(name, None)
-    manifest["tokenizer"] = False
-    (bare / "manifest.json").write_text(json.dumps(manifest))
+    bare = copy_without_tokenizer(tiny_artifact, tmp_path / "bare")
     ids_only = load(bare, verify="size")
     got = ids_only.generate(prompt_ids=[5, 17, 300], max_new_tokens=6, **GREEDY)
     assert got.text is None

@@ -329,18 +329,14 @@ class GLMTokenizer:
                 raise TypeError(f"text {i} is {type(text).__name__}, not str")
         if not allow_special or self._special_re is None:
             return self._plain(list(texts))
-        split = [self._pieces(t) for t in texts]
+        return self._join([self._pieces(t) for t in texts])
+
+    def _join(self, split: list[list[str | int]]) -> list[list[int]]:
+        """Ids for texts already split into plain pieces and special ids; the plain pieces of all texts are
+        encoded in one batch call."""
         plain = iter(self._plain([p for pieces in split for p in pieces if isinstance(p, str)]))
-        out: list[list[int]] = []
-        for pieces in split:
-            ids: list[int] = []
-            for piece in pieces:
-                if isinstance(piece, int):
-                    ids.append(piece)
-                else:
-                    ids.extend(next(plain))
-            out.append(ids)
-        return out
+        return [[i for piece in pieces for i in ((piece,) if isinstance(piece, int) else next(plain))]
+                for pieces in split]
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of ``text``, without BOS-like prefixes (the chat template adds ``[gMASK]<sop>``).
@@ -435,14 +431,7 @@ class GLMTokenizer:
             p if isinstance(p, int) else restore.sub(lambda m: originals[int(m.group(1))], p)
             for p in self._pieces(rendered)
         ]
-        plain = iter(self._plain([p for p in pieces if isinstance(p, str)]))
-        ids: list[int] = []
-        for piece in pieces:
-            if isinstance(piece, int):
-                ids.append(piece)
-            else:
-                ids.extend(next(plain))
-        return ids
+        return self._join([pieces])[0]
 
 
 def _collect_strings(value: Any, out: list[str]) -> None:
