@@ -8,6 +8,7 @@ it is whole (``os.replace`` is atomic within a filesystem). A killed process lea
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -59,6 +60,15 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _publish(staging, target)
+
+
+class BuildInProgressError(RuntimeError):
+    pass
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Rename a finished staging directory into place, replacing ``target`` only once the new one is whole."""
     for f in staging.rglob("*"):
         if f.is_file():
             f.chmod(0o644)  # some writers (mkstemp, safetensors) create 0600 files
@@ -69,3 +79,34 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+@contextlib.contextmanager
+def staging_dir(target: str | Path, overwrite: bool = False, resume: bool = True) -> Iterator[Path]:
+    """Like :func:`atomic_dir`, but the staging directory has a fixed name (``.NAME.build``) and is *kept* when
+    the block fails, so a later run can resume from the steps that finished (:mod:`glm_export.resume`).
+
+    ``resume=False`` empties it first. A lock file stops two builds from sharing one staging directory.
+    It never looks like an artifact: it is hidden and the manifest is written into it last.
+    """
+    target = Path(target).absolute()
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"{target} already exists: choose another output or pass --overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.build"
+    lock_path = target.parent / f".{target.name}.build.lock"
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildInProgressError(f"another build into {target} is running (it holds {lock_path}): wait for "
+                                       "it or choose another output") from None
+        try:
+            if not resume:
+                shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(exist_ok=True)
+            staging.chmod(0o755)
+            yield staging
+            _publish(staging, target)
+        finally:
+            lock_path.unlink(missing_ok=True)

@@ -1,14 +1,16 @@
-"""``glm-export build``: export -> (quantize -> engine) -> validate -> report -> manifest, as one atomic step.
+"""``glm-export build``: export -> (quantize) -> validate -> (engine) -> report -> manifest, atomic and resumable.
 
-Everything is written into a staging directory that becomes the artifact only when every step succeeded,
-with ``manifest.json`` written last; a failed or interrupted build leaves the previous artifact (or none).
+Everything is written into a staging directory (``.NAME.build``) that becomes the artifact only when every step
+succeeded, with ``manifest.json`` written last; a failed or interrupted build leaves the previous artifact (or
+none) and keeps its finished steps, which the next run with the same inputs reuses (:mod:`glm_export.resume`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,8 @@ from glm_export.quantize import (
     options_for_backend,
     quantize_into,
 )
-from glm_export.validate import OrtGraph, compare
+from glm_export.resume import BuildJournal, fingerprint_dir, fingerprint_file, step_key
+from glm_export.validate import OrtGraph, compare, compare_engine
 from glm_runtime.engine import available_memory_bytes
 
 FLOAT_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -51,8 +54,12 @@ def pick_backend(requested: str | None, precision: str) -> tuple[str, str]:
 
 def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overwrite: bool = False,
                    validate: bool = True, quant: QuantOptions | None = None, backend: str | None = None,
-                   engine: EngineSpec | None = None) -> dict[str, Any]:
-    """The whole pipeline; ``backend=None`` picks one (and says which and why)."""
+                   engine: EngineSpec | None = None, resume: bool = True) -> dict[str, Any]:
+    """The whole pipeline; ``backend=None`` picks one (and says which and why).
+
+    ``resume``: reuse the steps an earlier, failed or interrupted build of the same output finished with the
+    same inputs (:mod:`glm_export.resume`); ``False`` starts over.
+    """
     if precision not in FLOAT_PRECISIONS and precision not in QUANTIZED_PRECISIONS:
         raise BuildError(f"unknown precision {precision!r}: choose one of "
                          f"{', '.join([*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS])}")
@@ -73,35 +80,100 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
     model_dir = resolve_model(model)
     if spec is not None:
         spec.check(precision, Checkpoint(model_dir).config.max_position)
+    # Quantized graphs start from the fp32 graph for ONNX Runtime (CPU) and from the fp16 one for TensorRT
+    # (no fp32 attention there); the Q/DQ nodes carry the precision.
+    export_dtype = FLOAT_PRECISIONS.get(precision, "float32" if backend == "onnxruntime" else "float16")
+    steps = plan_steps(model_dir, export_dtype, quant if precision in QUANTIZED_PRECISIONS else None, validate, spec)
     t0 = time.perf_counter()
-    with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
-        # Quantized graphs start from the fp32 graph for ONNX Runtime (CPU) and from the fp16 one for TensorRT
-        # (no fp32 attention there); the Q/DQ nodes carry the precision.
-        base = "float32" if backend == "onnxruntime" else "float16"
-        manifest = export_into(model_dir, tmp, FLOAT_PRECISIONS.get(precision, base))
-        manifest["backend"] = backend
-        report: dict[str, Any] = {"precision": precision, "validation": None}
-        if precision in QUANTIZED_PRECISIONS:
-            try:
-                report["quantization"] = quantize_into(model_dir, tmp, precision, quant)
-            except QuantizeError as e:
-                raise BuildError(str(e)) from None
-            manifest["precision"] = precision
-            manifest["graph"] = graph_io(tmp / ONNX_FILE)
-        if validate:
-            report["validation"] = validate_artifact(model_dir, tmp, precision)
-        if spec is not None:
-            entry = build_engine(tmp, spec, precision, manifest["model"]["max_position"])
-            entry["check"] = check_engine(tmp, entry)
-            manifest["engines"] = [entry]
-            report["engine"] = entry
-        report["build_s"] = round(time.perf_counter() - t0, 2)
-        quant_md = report.get("quantization", {}).pop("markdown", "")
-        atomic.write_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
-        atomic.write_text(tmp / "report.md", report_markdown(report, quant_md))
-        write_manifest(tmp, manifest)
+    current = "export"
+    try:
+        with atomic.staging_dir(out, overwrite=overwrite, resume=resume) as tmp:
+            journal = BuildJournal(tmp)
+            reused = journal.plan(steps)
+            if reused:
+                console.print(f"resuming an earlier build of {out}: reusing {', '.join(reused)} "
+                              "(--no-resume starts over)")
+            total = len(steps)
+
+            def step(name: str, fn: Callable[[], Any], snapshot: bool = False) -> Any:
+                nonlocal current
+                current = name
+                i = [n for n, _ in steps].index(name) + 1
+                if name not in reused:
+                    console.rule(f"step {i}/{total}: {name}", style="dim")
+                return journal.run(name, dict(steps)[name], fn, snapshot=snapshot)
+
+            manifest = step("export", lambda: export_into(model_dir, tmp, export_dtype),
+                            snapshot=precision in QUANTIZED_PRECISIONS)
+            manifest["backend"] = backend
+            report: dict[str, Any] = {"precision": precision, "validation": None}
+            if precision in QUANTIZED_PRECISIONS:
+                def quantize() -> dict[str, Any]:
+                    try:
+                        section = quantize_into(model_dir, tmp, precision, quant)
+                    except QuantizeError as e:
+                        raise BuildError(str(e)) from None
+                    return {"report": section, "graph": graph_io(tmp / ONNX_FILE)}
+
+                done = step("quantize", quantize)
+                report["quantization"] = dict(done["report"])
+                manifest["precision"] = precision
+                manifest["graph"] = done["graph"]
+            if validate:
+                report["validation"] = step("validate", lambda: validate_artifact(model_dir, tmp, precision))
+            if spec is not None:
+                def engine_step() -> dict[str, Any]:
+                    entry = build_engine(tmp, spec, precision, manifest["model"]["max_position"])
+                    entry["check"] = check_engine(tmp, entry)
+                    return entry
+
+                entry = step("engine", engine_step)
+                manifest["engines"] = [entry]
+                report["engine"] = entry
+                current = "engine validation"
+                report["engine_validation"] = validate_engine(tmp, entry, manifest)
+            current = "report"
+            report["build_s"] = round(time.perf_counter() - t0, 2)
+            if reused:
+                report["resumed"] = reused
+            quant_md = report.get("quantization", {}).pop("markdown", "")
+            journal.finish()
+            atomic.write_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
+            atomic.write_text(tmp / "report.md", report_markdown(report, quant_md))
+            write_manifest(tmp, manifest)
+    except (KeyboardInterrupt, Exception) as e:
+        staged = Path(out).absolute().parent / f".{Path(out).name}.build"
+        if staged.is_dir() and not isinstance(e, atomic.BuildInProgressError | atomic.OutputExistsError):
+            console.print(f"[yellow]build stopped during step {current!r}[/]: {out} was not written. The finished "
+                          f"steps are kept in {staged}; run the same command again to resume from {current!r}, "
+                          "or with --no-resume to start over.", soft_wrap=True, highlight=False)
+        raise
     console.print(f"[green]built[/] {out} ({precision}) in {time.perf_counter() - t0:.1f} s")
     return manifest
+
+
+def plan_steps(model_dir: Path, export_dtype: str, quant: QuantOptions | None, validate: bool,
+               spec: EngineSpec | None) -> list[tuple[str, str]]:
+    """The build's steps with their input keys, each chained to the previous one (see :mod:`glm_export.resume`)."""
+    import glm_export
+    from glm_export.engine import import_trt
+
+    key = step_key("export", glm_export.__version__, fingerprint_dir(model_dir), export_dtype)
+    steps = [("export", key)]
+    if quant is not None:
+        options = asdict(quant)
+        calib = Path(quant.calibration)
+        options["calibration_sha256"] = fingerprint_file(calib) if calib.is_file() else quant.calibration
+        key = step_key(key, "quantize", options)
+        steps.append(("quantize", key))
+    if validate:
+        key = step_key(key, "validate")
+        steps.append(("validate", key))
+    if spec is not None:
+        version = getattr(import_trt(spec.backend), "__version__", "?")
+        key = step_key(key, "engine", asdict(spec), version)
+        steps.append(("engine", key))
+    return steps
 
 
 def validate_artifact(model_dir: Path, artifact: Path, precision: str) -> dict[str, Any]:
@@ -129,6 +201,36 @@ def validate_artifact(model_dir: Path, artifact: Path, precision: str) -> dict[s
     return {"status": status, "prompts": list(VALIDATE_PROMPTS), "decode_steps": VALIDATE_DECODE, **result.to_dict()}
 
 
+def validate_engine(artifact: Path, entry: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    """Where the engine can run (an NVIDIA GPU here), its logits against ONNX Runtime running the same graph.
+
+    A mismatch is reported loudly rather than failing the build: the tolerance of fused fp16/FP8 kernels on a
+    given GPU is a judgement for the user, and the numbers are in the report.
+    """
+    from glm_export.engine import gpu_present
+
+    if not gpu_present():
+        return {"status": "not run", "reason": "no NVIDIA GPU on the build host: the engine was built ahead of "
+                                               "time and has not run; run `glm-export engine` on the GPU host"}
+    from glm_runtime.engine_trt import TensorRTError, TrtEngine
+    from glm_runtime.manifest import model_config
+
+    console.print("validating the engine: TensorRT vs ONNX Runtime on the same graph")
+    try:
+        engine = TrtEngine(artifact, entry, model_config(manifest))
+    except TensorRTError as e:
+        return {"status": "not run", "reason": str(e)}
+    vocab = manifest["model"]["vocab_size"]
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in VALIDATE_PROMPTS]
+    result = compare_engine(engine, OrtGraph(artifact), prompts, VALIDATE_DECODE)
+    status = "ok" if result.greedy_match else "mismatch"
+    if status != "ok":
+        console.print(f"[yellow]warning:[/] the engine's greedy tokens differ from ONNX Runtime's on the same graph "
+                      f"(max |logit diff| {result.max_abs:.3g}); see report.md")
+    return {"status": status, "prompts": list(VALIDATE_PROMPTS), "decode_steps": VALIDATE_DECODE, **result.to_dict()}
+
+
 def report_markdown(report: dict[str, Any], extra: str = "") -> str:
     lines = [f"# glm-export build report ({report['precision']})", ""]
     v = report.get("validation")
@@ -150,12 +252,20 @@ def report_markdown(report: dict[str, Any], extra: str = "") -> str:
     e = report.get("engine")
     if e:
         check = e["check"]
-        ran = ("Its logits could not be compared with ONNX Runtime here: no GPU on the build host, so the "
-               "engine was built ahead of time and has not run.") if not check.get("gpu_checked") else ""
         lines += ["", f"Engine: {e['flavour']} {e['version']}, {e['precision']}, targets {', '.join(e['targets'])}, "
                   f"{e['bytes'] / 1e6:.1f} MB, built in {e['build_s']} s. Header check: "
                   f"{'well-formed' if check.get('well_formed') else 'INVALID'} "
-                  f"(diagnostics: {', '.join(check.get('diagnostics', [])) or 'none'}). {ran}"]
+                  f"(diagnostics: {', '.join(check.get('diagnostics', [])) or 'none'})."]
+        ev = report.get("engine_validation") or {}
+        if ev.get("status") in ("ok", "mismatch"):
+            lines += ["", f"Engine validation: {ev['status'].upper()}: the engine against ONNX Runtime (CPU) running "
+                      f"the same graph, prompts of {ev['prompts']} tokens one at a time, then {ev['decode_steps']} "
+                      "greedy steps.", "",
+                      "| max abs logit diff (prefill) | max abs logit diff (decode) | greedy tokens identical |",
+                      "|---|---|---|",
+                      f"| {ev['prefill_max_abs']:.3g} | {max(ev['decode_max_abs']):.3g} | {ev['greedy_match']} |"]
+        elif ev:
+            lines += ["", f"Engine validation: not run: {ev['reason']}."]
     if extra:
         lines += ["", extra.rstrip()]
     lines += ["", f"Build time: {report['build_s']} s.", ""]

@@ -33,6 +33,8 @@ MAX_BATCH_HELP = "Largest batch the TensorRT engine accepts."
 MAX_CONTEXT_HELP = "KV-cache length the TensorRT engine is built for (prompt + new tokens)."
 MAX_PREFILL_HELP = "Longest prefill chunk of the TensorRT engine's prefill profile."
 CALIBRATION_HELP = "Calibration data: 'default' (shipped set), a .jsonl of chat messages / {'text': ...}, or a .txt."
+RESUME_HELP = ("Reuse the steps a failed or interrupted build of the same OUT finished with the same inputs "
+               "(kept in .OUT.build); --no-resume starts over.")
 TARGET_HELP = "Compute capability to build for (TensorRT-RTX ahead-of-time), repeatable: 8.6, 8.9, 12.0 ..."
 
 
@@ -78,7 +80,7 @@ def friendly_errors(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from glm_export.atomic import OutputExistsError
+        from glm_export.atomic import BuildInProgressError, OutputExistsError
         from glm_export.build import BuildError
         from glm_export.checkpoint import CheckpointError
         from glm_export.engine import EngineError
@@ -88,7 +90,7 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (CheckpointError, ConfigError, ArtifactError, OutputExistsError, FileNotFoundError, BuildError,
-                EngineError) as e:
+                EngineError, BuildInProgressError) as e:
             console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None
 
@@ -159,6 +161,7 @@ def build(
     = WeightMethod.awq,
     accuracy_samples: Annotated[int, typer.Option(help="Held-out sequences for the accuracy report (0: skip).")]
     = 8,
+    resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
 ) -> None:
     """Export, (quantize), build engines and validate: the whole pipeline into one artifact directory."""
     from glm_export.build import build_artifact
@@ -170,7 +173,7 @@ def build(
                          smoothquant_alpha=smoothquant_alpha, weight_block=weight_block,
                          weight_method=weight_method.value, accuracy_samples=accuracy_samples)
     build_artifact(model, out, precision.value, overwrite=overwrite, validate=validate,
-                   backend=backend.value if backend else None, engine=spec, quant=quant)
+                   backend=backend.value if backend else None, engine=spec, quant=quant, resume=resume)
 
 
 @app.command("engine")

@@ -43,10 +43,12 @@ class OrtGraph:
 
 @dataclass
 class Comparison:
+    """Reference (PyTorch, or ONNX Runtime for an engine) against a candidate (the graph, or the engine)."""
+
     prefill_max_abs: float = 0.0
     decode_max_abs: list[float] = field(default_factory=list)
-    greedy_torch: list[list[int]] = field(default_factory=list)
-    greedy_onnx: list[list[int]] = field(default_factory=list)
+    greedy_reference: list[list[int]] = field(default_factory=list)
+    greedy_candidate: list[list[int]] = field(default_factory=list)
 
     @property
     def max_abs(self) -> float:
@@ -54,12 +56,12 @@ class Comparison:
 
     @property
     def greedy_match(self) -> bool:
-        return self.greedy_torch == self.greedy_onnx
+        return self.greedy_reference == self.greedy_candidate
 
     def to_dict(self) -> dict[str, Any]:
         return {"prefill_max_abs": self.prefill_max_abs, "decode_max_abs": self.decode_max_abs,
                 "max_abs": self.max_abs, "greedy_match": self.greedy_match,
-                "greedy_tokens": len(self.greedy_torch[0]) if self.greedy_torch else 0}
+                "greedy_tokens": len(self.greedy_reference[0]) if self.greedy_reference else 0}
 
 
 def pad_prompts(prompts: list[list[int]], pad: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -85,7 +87,7 @@ def compare(model: GLM4, graph: OrtGraph, prompts: list[list[int]], decode_steps
     cache_len = cache_len or int(ids.shape[1] + decode_steps)
     torch_cache = model.new_cache(len(prompts), cache_len)
     onnx_cache = [np.zeros(t.shape, graph.cache_dtype) for t in torch_cache]
-    result = Comparison(greedy_torch=[[] for _ in prompts], greedy_onnx=[[] for _ in prompts])
+    result = Comparison(greedy_reference=[[] for _ in prompts], greedy_candidate=[[] for _ in prompts])
     with torch.no_grad():
         for step in range(decode_steps + 1):
             ref = model(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(last), *torch_cache)[0].numpy()
@@ -97,9 +99,45 @@ def compare(model: GLM4, graph: OrtGraph, prompts: list[list[int]], decode_steps
                 result.decode_max_abs.append(diff)
             t_tok, o_tok = ref[:, -1].argmax(-1), got[:, -1].argmax(-1)
             for b in range(len(prompts)):
-                result.greedy_torch[b].append(int(t_tok[b]))
-                result.greedy_onnx[b].append(int(o_tok[b]))
+                result.greedy_reference[b].append(int(t_tok[b]))
+                result.greedy_candidate[b].append(int(o_tok[b]))
             ids = t_tok.reshape(-1, 1).astype(np.int64)
             pos = (lengths + step).reshape(-1, 1).astype(np.int64)
             last = np.zeros((len(prompts), 1), dtype=np.int64)
+    return result
+
+
+def compare_engine(engine: Any, graph: OrtGraph, prompts: list[list[int]], decode_steps: int) -> Comparison:
+    """A runtime engine (TensorRT) against ONNX Runtime running the *same* graph, one prompt at a time (an
+    engine may be built for batch 1): prefill, then ``decode_steps`` greedy steps fed the reference's token.
+
+    What differs is only the kernels (fused fp16 attention, FP8/INT8 GEMMs, the in-place cache update), so the
+    greedy tokens should agree and the logits differ by the precision's rounding.
+    """
+    result = Comparison()
+    for prompt in prompts:
+        ids, pos, last = pad_prompts([prompt])
+        cfg, needed = engine.config, len(prompt) + decode_steps
+        cache = engine.allocate(1, getattr(engine, "max_context", needed))  # TensorRT: pinned to the build's
+        ref_cache = [np.zeros((1, cfg.num_kv_heads, needed, cfg.head_dim), graph.cache_dtype)
+                     for _ in range(2 * cfg.num_layers)]
+        ref_tokens: list[int] = []
+        got_tokens: list[int] = []
+        for step in range(decode_steps + 1):
+            got = np.array(engine.step(cache, ids, pos, last), np.float64)
+            ref, ref_cache = graph.step(ids, pos, last, ref_cache)
+            diff = float(np.abs(ref[:, -1].astype(np.float64) - got).max())
+            if step == 0:
+                result.prefill_max_abs = max(result.prefill_max_abs, diff)
+            elif len(result.decode_max_abs) < step:
+                result.decode_max_abs.append(diff)
+            else:
+                result.decode_max_abs[step - 1] = max(result.decode_max_abs[step - 1], diff)
+            ref_tokens.append(int(ref[0, -1].argmax()))
+            got_tokens.append(int(got[0].argmax()))
+            ids = np.array([[ref_tokens[-1]]], np.int64)
+            pos = np.array([[len(prompt) + step]], np.int64)
+            last = np.zeros((1, 1), np.int64)
+        result.greedy_reference.append(ref_tokens)
+        result.greedy_candidate.append(got_tokens)
     return result

@@ -39,7 +39,13 @@ def test_fp16_engine_is_built_and_recorded(fp16_engine_artifact: Path) -> None:
     assert entry["check"]["well_formed"] and "MALFORMED_ENGINE" not in entry["check"]["diagnostics"]
     assert not (fp16_engine_artifact / "engine" / "timing.cache").exists()  # TensorRT-RTX has no timing cache
     report = (fp16_engine_artifact / "report.md").read_text()
-    assert "TensorRT for RTX" in report and ("no GPU" in report or entry["check"]["gpu_checked"])
+    validation = json.loads((fp16_engine_artifact / "report.json").read_text())["engine_validation"]
+    if engine_mod.gpu_present():
+        assert validation["status"] == "ok" and "Engine validation: OK" in report
+    else:  # says plainly that the engine has not run
+        assert validation["status"] == "not run" and "no NVIDIA GPU" in validation["reason"]
+        assert "Engine validation: not run: no NVIDIA GPU" in report
+    assert "TensorRT for RTX" in report
 
 
 def test_engine_deserializes_with_pinned_cache_length(fp16_engine_artifact: Path) -> None:

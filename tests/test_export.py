@@ -59,9 +59,9 @@ def test_greedy_32_tokens_identical_and_cache_length_is_dynamic(tiny_checkpoint:
     prompt = prompts_for(model.cfg.vocab_size, [16], 1)
     for cache_len in (48, 100):
         result = compare(model, graph, prompt, decode_steps=31, cache_len=cache_len)
-        assert len(result.greedy_onnx[0]) == 32
-        assert result.greedy_onnx == result.greedy_torch
-        assert len(set(result.greedy_torch[0])) > 4, "degenerate generation would make this test weak"
+        assert len(result.greedy_candidate[0]) == 32
+        assert result.greedy_candidate == result.greedy_reference
+        assert len(set(result.greedy_reference[0])) > 4, "degenerate generation would make this test weak"
 
 
 def test_manifest_records_and_verifies(tiny_artifact: Path) -> None:
@@ -148,3 +148,38 @@ def test_pytorch_cache_is_updated_in_place(tiny_checkpoint: Path) -> None:
     out = model(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), torch.tensor([[2]]), *cache)
     assert [c.data_ptr() for c in out[1:]] == ptrs
     assert np.count_nonzero(cache[0][0, :, 3:].numpy()) == 0 and np.count_nonzero(cache[0][0, :, :3].numpy()) > 0
+
+
+def test_engine_comparison_harness_detects_a_wrong_engine(tiny_artifact: Path) -> None:
+    """``compare_engine`` (build's TensorRT-vs-ONNX-Runtime check, run where a GPU exists) exercised with the
+    runtime's ONNX Runtime engine as the candidate: identical kernels agree; perturbed logits are caught."""
+    from glm_export.validate import OrtGraph, compare_engine
+    from glm_runtime.engine_ort import load_engine
+    from glm_runtime.manifest import model_config, read_manifest
+
+    manifest = read_manifest(tiny_artifact)
+    engine = load_engine(tiny_artifact, manifest, model_config(manifest))
+    graph = OrtGraph(tiny_artifact)
+    prompts = [list(range(100, 116)), list(range(300, 309))]
+    result = compare_engine(engine, graph, prompts, decode_steps=6)
+    assert result.greedy_match and result.max_abs < 1e-4 and len(result.decode_max_abs) == 6
+    assert len(result.greedy_candidate) == 2 and all(len(t) == 7 for t in result.greedy_candidate)
+
+    class Skewed:
+        """The same engine with a bias towards token 7 from the third step on (a wrong kernel, say)."""
+
+        def __init__(self) -> None:
+            self.config, self.calls = engine.config, 0
+
+        def allocate(self, batch: int, cache_len: int) -> object:
+            return engine.allocate(batch, cache_len)
+
+        def step(self, *args: object) -> np.ndarray:
+            self.calls += 1
+            logits = engine.step(*args).copy()
+            if self.calls > 2:
+                logits[:, 7] += 100.0
+            return logits
+
+    bad = compare_engine(Skewed(), graph, prompts[:1], decode_steps=6)
+    assert not bad.greedy_match and bad.max_abs > 50

@@ -1,0 +1,175 @@
+"""Resumable builds: a journal of finished steps in the build's staging directory.
+
+``glm-export build`` stages its work in ``.NAME.build`` beside the output (see :func:`glm_export.atomic.staging_dir`)
+and keeps it when a step fails, so the next run with the same inputs picks up after the last finished step
+instead of re-exporting a 9 B model. Each step is recorded with
+
+- a *key*: a hash of everything the step's output depends on (the checkpoint's file names, sizes and mtimes,
+  the options, glm-export's version) chained with the previous step's key, so a changed input invalidates that
+  step and every later one;
+- the *inventory* of the staging directory after it (relative path -> size), so a half-written or tampered
+  file is noticed and the step redone rather than trusted;
+- its *result* (the manifest or report section it produced), so a reused step still fills in the report.
+
+Steps rewrite the graph in place (quantization replaces ``model.onnx``), so the export is also kept as hard
+links in ``.stages/export``: when only the quantization options change, the graph is restored from there
+instead of being exported again. Hard links cost no disk space beyond keeping the exported weights alive until
+the build finishes (the quantizer holds both at its peak anyway).
+
+Checkpoint files are fingerprinted by size and mtime, not content: hashing 19 GB would cost as much as the
+export it is meant to skip. A checkpoint edited in place without changing either would not be noticed;
+``--no-resume`` starts from scratch.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from glm_export import atomic
+
+JOURNAL = ".journal.json"
+STAGES = ".stages"
+_PRIVATE = (JOURNAL, STAGES)
+
+
+def fingerprint_dir(path: Path) -> list[tuple[str, int, int]]:
+    """(name, size, mtime_ns) of every file directly in ``path``: what a checkpoint's identity is here."""
+    out = []
+    for f in sorted(Path(path).iterdir()):
+        if f.is_file():
+            st = f.stat()
+            out.append((f.name, st.st_size, st.st_mtime_ns))
+    return out
+
+
+def fingerprint_file(path: str | Path) -> str:
+    """Content hash of a small input file (a calibration set); its path alone would miss an edit."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def step_key(*parts: Any) -> str:
+    """A stable hash of JSON-able parts (dict order does not matter)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def inventory(root: Path) -> dict[str, int]:
+    """Relative path -> size of every file a step left in the staging directory (journal and stages aside)."""
+    out = {}
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root)
+        if rel.parts[0] in _PRIVATE or not f.is_file():
+            continue
+        out[rel.as_posix()] = f.stat().st_size
+    return out
+
+
+class BuildJournal:
+    """The finished steps of one staging directory. ``plan`` decides what is reused; ``run`` does the rest."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.path = self.root / JOURNAL
+        try:
+            data = json.loads(self.path.read_text())
+            self.steps: list[dict[str, Any]] = data["steps"] if isinstance(data.get("steps"), list) else []
+        except (OSError, ValueError, KeyError, AttributeError):
+            self.steps = []
+        self.reused: list[str] = []
+
+    def plan(self, keys: list[tuple[str, str]]) -> list[str]:
+        """Keep the longest run of leading steps whose keys still match and whose files are intact; clear
+        everything else from the staging directory. Returns the names of the steps that will be reused."""
+        n = 0
+        while n < min(len(keys), len(self.steps)) and (self.steps[n].get("name"), self.steps[n].get("key")) == keys[n]:
+            n += 1
+        if n and not self._matches(self.steps[n - 1]["inventory"]):
+            n = 1 if self._restore_export(keys) else 0
+        self.steps = self.steps[:n]
+        if n:
+            self._prune(self.steps[-1]["inventory"])
+        else:
+            self._clear()
+        self._save()
+        self.reused = [s["name"] for s in self.steps]
+        return self.reused
+
+    def run(self, name: str, key: str, fn: Callable[[], Any], snapshot: bool = False) -> Any:
+        """The step's stored result if :meth:`plan` kept it, else ``fn()``, recorded once it returned."""
+        for s in self.steps:
+            if s["name"] == name:
+                if s["key"] != key:
+                    raise RuntimeError(f"journal step {name} planned with another key")  # programming error
+                return copy.deepcopy(s["result"])
+        result = fn()
+        if snapshot:
+            self._snapshot(name)
+        self.steps.append({"name": name, "key": key, "inventory": inventory(self.root),
+                           "result": copy.deepcopy(result)})
+        self._save()
+        return result
+
+    def finish(self) -> None:
+        """Remove the journal and the stages: what remains is the artifact."""
+        self.path.unlink(missing_ok=True)
+        shutil.rmtree(self.root / STAGES, ignore_errors=True)
+
+    # ---- internals --------------------------------------------------------------------------------------
+    def _save(self) -> None:
+        atomic.write_text(self.path, json.dumps({"steps": self.steps}, indent=1, default=str) + "\n")
+
+    def _matches(self, inv: dict[str, int]) -> bool:
+        """Every file the step left is still there with its size (extra files are a later step's leftovers)."""
+        for rel, size in inv.items():
+            f = self.root / rel
+            if not f.is_file() or f.stat().st_size != size:
+                return False
+        return True
+
+    def _prune(self, inv: dict[str, int]) -> None:
+        for rel in inventory(self.root):
+            if rel not in inv:
+                (self.root / rel).unlink()
+
+    def _clear(self) -> None:
+        for f in self.root.iterdir():
+            if f.name == JOURNAL:
+                continue
+            if f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
+
+    def _snapshot(self, name: str) -> None:
+        """Hard-link the step's files into ``.stages/NAME`` so a later in-place rewrite can be undone."""
+        dst = self.root / STAGES / name
+        shutil.rmtree(dst, ignore_errors=True)
+        for rel in inventory(self.root):
+            target = dst / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(self.root / rel, target)
+
+    def _restore_export(self, keys: list[tuple[str, str]]) -> bool:
+        """Put the exported graph back from its snapshot when the export step itself is still valid."""
+        if not self.steps or self.steps[0]["name"] != "export" or keys[0] != ("export", self.steps[0]["key"]):
+            return False
+        inv, snap = self.steps[0]["inventory"], self.root / STAGES / "export"
+        if not all((snap / rel).is_file() and (snap / rel).stat().st_size == size for rel, size in inv.items()):
+            return False
+        for rel in inventory(self.root):
+            (self.root / rel).unlink()
+        for rel in inv:
+            (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(snap / rel, self.root / rel)
+        return True
