@@ -203,5 +203,55 @@ def engine(
     console.print(f"engine: {describe(entry)}")
 
 
+class TorchDType(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@app.command("bench")
+@friendly_errors
+def bench(
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifact directories (one per precision), measured "
+                                                    "side by side with PyTorch.")],
+    model: Annotated[Path | None, typer.Option(help="Checkpoint for the PyTorch side; default: the first "
+                                               "artifact's source checkpoint.")] = None,
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated: 1,4.")] = "1",
+    prompt_len: Annotated[str, typer.Option(help="Prompt lengths in tokens, comma-separated: 128,1024.")] = "128",
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per run (stop ids ignored).", min=2)] = 128,
+    repeats: Annotated[int, typer.Option(help="Alternating rounds (a fresh process per side each).", min=1)] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed runs per case before the timed one.", min=0)] = 1,
+    threads: Annotated[int | None, typer.Option(help="Threads for every side; default: physical cores.",
+                                                min=1)] = None,
+    dtype: Annotated[TorchDType | None, typer.Option(help="PyTorch dtype; default fp32 on CPU, the "
+                                                     "checkpoint's on GPU.")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the PyTorch side (static cache).")] = False,
+    attn: Annotated[str, typer.Option(help="transformers attn_implementation of the PyTorch side.")] = "eager",
+    check_tokens: Annotated[int, typer.Option(help="Greedy tokens compared with PyTorch before timing.",
+                                              min=1)] = 16,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for bench.json, bench.md, bench.png.")]
+    = Path("bench"),
+    seed: Annotated[int, typer.Option(help="Seed of the random prompt ids.")] = 0,
+    probe_gib: Annotated[float, typer.Option(help="Buffer size of the bandwidth probes (GiB).", min=0.01)] = 1.0,
+    profile: Annotated[bool, typer.Option("--profile", help="Also profile a decode step of each artifact "
+                                          "(ONNX Runtime profiler): where the time goes.")] = False,
+) -> None:
+    """Latency and throughput of the artifacts' runtime against PyTorch on the same weights, side by side."""
+    from glm_export.bench import BenchError, Settings, command_line, parse_int_list, run_and_report
+
+    try:
+        dtypes = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+        settings = Settings(list(artifacts), model, parse_int_list(batch, "--batch"),
+                            parse_int_list(prompt_len, "--prompt-len"), new_tokens, repeats, warmup, threads,
+                            dtypes[dtype.value] if dtype else None, compile, attn, check_tokens, seed, out, probe_gib,
+                            profile, command_line(sys.argv[1:]))
+        correct = run_and_report(settings)
+    except BenchError as e:
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
+    if not correct:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
