@@ -17,13 +17,16 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from glm_runtime.config import ModelConfig
 from glm_runtime.engine import Engine, format_bytes
 from glm_runtime.generator import DEFAULT_PREFILL_CHUNK, DecodeBatch, Generator, Session, fit_context
 from glm_runtime.manifest import ArtifactError, model_config, read_manifest
 from glm_runtime.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from glm_runtime.tool_calls import ParsedOutput
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,17 @@ class Chunk:
     token_ids: list[int]
     finish_reason: str | None = None
     completion: Completion | None = None
+
+
+@dataclass
+class RequestSpec:
+    """One sequence's request, resolved: prompt ids (fitted to the context), length, sampling, stops."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    params: SamplingParams
+    stop_ids: list[int]
+    stops: list[str]
 
 
 # ---- text helpers -------------------------------------------------------------------------------------
@@ -149,8 +163,11 @@ class AssistantText:
         return ""
 
 
-class _RowText:
-    """Ids -> text for one sequence: incremental detokenization, stop strings, (chat) the answer format."""
+class RowText:
+    """Ids -> text for one sequence: incremental detokenization, stop strings, (chat) the answer format.
+
+    ``feed(token) -> (text, stop string matched)``; ``finish(stopped_by_string) -> tail``; ``text``: all of it.
+    """
 
     def __init__(self, tokenizer: Any, stops: Sequence[str], stop_ids: frozenset[int],
                  assistant: AssistantText | None) -> None:
@@ -261,12 +278,9 @@ class LLM:
         ``finish_reason == "tool_calls"`` and OpenAI-style ``tool_calls``.
         """
         t0 = time.perf_counter()
-        tok = self._need_tokenizer("chat")
-        from glm_runtime.tool_calls import openai_to_glm_messages, tool_names
+        from glm_runtime.tool_calls import tool_names
 
-        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        prompt = list(tok.apply_chat_template(openai_to_glm_messages(messages, tools)))
+        prompt = self.chat_prompt(messages, tools)
         functions, builtins = tool_names(tools)
         if not reuse_cache:
             self.session.reset()
@@ -280,6 +294,55 @@ class LLM:
     def reset(self) -> None:
         """Forget the cached conversation (the next ``chat`` prefills its whole prompt)."""
         self.session.reset()
+
+    # ---- request preparation, shared with the server (glm_runtime.server) ------------------------------
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
+                    assistant_prefix: str | None = None) -> list[int]:
+        """The prompt ids of an OpenAI-style conversation (sandboxed chat template, tools on a system message).
+
+        ``assistant_prefix``: text the answer is made to start with (the server forces a tool call by putting
+        the tool's name on GLM-4's metadata line).
+        """
+        tok = self._need_tokenizer("chat")
+        from glm_runtime.tool_calls import openai_to_glm_messages
+
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        prompt = list(tok.apply_chat_template(openai_to_glm_messages(messages, tools)))
+        return prompt + (tok.encode(assistant_prefix) if assistant_prefix else [])
+
+    def text_prompt_ids(self, prompts: str | Sequence[str] | None,
+                        prompt_ids: Sequence[int] | Sequence[Sequence[int]] | None) -> list[list[int]]:
+        """Prompts to ids as :meth:`generate` takes them: text (``[gMASK]<sop>`` + text) or raw ids."""
+        return self._prompt_ids(prompts, prompt_ids)[1]
+
+    def request_spec(self, prompt: list[int], max_new_tokens: int | None = None, temperature: float | None = None,
+                     top_p: float | None = None, top_k: int | None = None,
+                     repetition_penalty: float | None = None, seed: int | None = None,
+                     stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
+                     truncate: bool = False) -> RequestSpec:
+        """One sequence's settings resolved against the artifact's defaults, checked (raises ``ValueError``)."""
+        params, stops, stop_ids = self._settings(temperature, top_p, top_k, repetition_penalty, seed, stop,
+                                                 stop_token_ids)
+        ids, n = self._fit(prompt, max_new_tokens, truncate)
+        return RequestSpec(ids, n, params, stop_ids, stops)
+
+    def row_text(self, spec: RequestSpec, tool_names: set[str] | None = None) -> RowText | None:
+        """Ids -> streamed text for one sequence (``None`` without a tokenizer); ``tool_names``: chat answers."""
+        if self.tokenizer is None:
+            return None
+        return RowText(self.tokenizer, spec.stops, frozenset(spec.stop_ids),
+                       AssistantText(tool_names) if tool_names is not None else None)
+
+    def parse_tool_calls(self, output_ids: Sequence[int], stop_ids: frozenset[int] | set[int],
+                         tools: Sequence[Mapping[str, Any]], prefix: str = "") -> ParsedOutput:
+        """GLM-4's answer (``prefix`` + the generated ids without the final stop id) as a
+        :class:`~glm_runtime.tool_calls.ParsedOutput`."""
+        from glm_runtime.tool_calls import parse_assistant_output
+
+        tok = self._need_tokenizer("tool calls")
+        ids = list(output_ids[:-1]) if output_ids and output_ids[-1] in stop_ids else list(output_ids)
+        return parse_assistant_output(prefix + tok.decode(ids, skip_special_tokens=False), tools)
 
     # ---- internals ------------------------------------------------------------------------------------
     def _need_tokenizer(self, what: str) -> Any:
@@ -331,15 +394,17 @@ class LLM:
             else repetition_penalty,
             seed=seed)
 
+    def default_max_new_tokens(self) -> int:
+        """``max_new_tokens`` of generation_config.json, else :data:`DEFAULT_MAX_NEW_TOKENS` (before capping)."""
+        return int(self.generation_config.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+
     def default_stop_ids(self) -> list[int]:
         eos = self.generation_config.get("eos_token_id", list(self.config.eos_token_ids))
         return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
-    def _start(self, prompts: list[list[int]], max_new_tokens: int | None, temperature: float | None,
-               top_p: float | None, top_k: int | None, repetition_penalty: float | None, seed: int | None,
-               stop: str | Sequence[str] | None, stop_token_ids: Sequence[int] | None, truncate: bool,
-               session: Session | None, tool_names: set[str] | None,
-               t0: float) -> tuple[DecodeBatch, list[_RowText | None]]:
+    def _settings(self, temperature: float | None, top_p: float | None, top_k: int | None,
+                  repetition_penalty: float | None, seed: int | None, stop: str | Sequence[str] | None,
+                  stop_token_ids: Sequence[int] | None) -> tuple[SamplingParams, list[str], list[int]]:
         params = self._sampling(temperature, top_p, top_k, repetition_penalty, seed)
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         if not all(isinstance(s, str) and s for s in stops):
@@ -347,25 +412,34 @@ class LLM:
         if stops:
             self._need_tokenizer("stop strings")
         stop_ids = self.default_stop_ids() if stop_token_ids is None else [int(s) for s in stop_token_ids]
-        max_pos = self.config.max_position
-        news, fitted = [], []
-        for ids in prompts:
-            n = max_new_tokens
-            if n is None:  # a default never makes a request fail: it is capped by the context left
-                n = int(self.generation_config.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-                n = min(n, max_pos - len(ids)) if len(ids) < max_pos else n
-            keep = 2 if self.tokenizer is not None and ids[:2] == [
-                self.tokenizer.special_ids.get("[gMASK]"), self.tokenizer.special_ids.get("<sop>")] else 0
-            fitted.append(fit_context(ids, n, max_pos, truncate, keep) if isinstance(n, int) and n > 0 else ids)
-            news.append(n)
-        batch = self.generator.start(fitted, news, params, stop_ids, session, t_request=t0)
-        frozen = frozenset(stop_ids)
-        texts: list[_RowText | None] = [
-            _RowText(self.tokenizer, stops, frozen, AssistantText(tool_names) if tool_names is not None else None)
-            if self.tokenizer is not None else None for _ in prompts]
-        return batch, texts
+        return params, stops, stop_ids
 
-    def _drive(self, batch: DecodeBatch, texts: list[_RowText | None],
+    def _fit(self, ids: list[int], max_new_tokens: int | None, truncate: bool) -> tuple[list[int], Any]:
+        """``(prompt, max_new_tokens)``: the default length capped by the context left; the prompt truncated if
+        asked. A bad ``max_new_tokens`` passes through for the generator to refuse with its message."""
+        max_pos = self.config.max_position
+        n = max_new_tokens
+        if n is None:  # a default never makes a request fail: it is capped by the context left
+            n = self.default_max_new_tokens()
+            n = min(n, max_pos - len(ids)) if len(ids) < max_pos else n
+        keep = 2 if self.tokenizer is not None and ids[:2] == [
+            self.tokenizer.special_ids.get("[gMASK]"), self.tokenizer.special_ids.get("<sop>")] else 0
+        fitted = fit_context(ids, n, max_pos, truncate, keep) if isinstance(n, int) and n > 0 else ids
+        return fitted, n
+
+    def _start(self, prompts: list[list[int]], max_new_tokens: int | None, temperature: float | None,
+               top_p: float | None, top_k: int | None, repetition_penalty: float | None, seed: int | None,
+               stop: str | Sequence[str] | None, stop_token_ids: Sequence[int] | None, truncate: bool,
+               session: Session | None, tool_names: set[str] | None,
+               t0: float) -> tuple[DecodeBatch, list[RowText | None]]:
+        params, stops, stop_ids = self._settings(temperature, top_p, top_k, repetition_penalty, seed, stop,
+                                                 stop_token_ids)
+        specs = [RequestSpec(*self._fit(ids, max_new_tokens, truncate), params, stop_ids, stops) for ids in prompts]
+        batch = self.generator.start([s.prompt_ids for s in specs], [s.max_new_tokens for s in specs], params,
+                                     stop_ids, session, t_request=t0)
+        return batch, [self.row_text(spec, tool_names) for spec in specs]
+
+    def _drive(self, batch: DecodeBatch, texts: list[RowText | None],
                tools: list[Mapping[str, Any]] | None) -> Iterator[Chunk]:
         """Step the batch to the end, turning tokens into chunks; closing the iterator ends the request."""
         stopped = [False] * batch.batch
@@ -391,7 +465,7 @@ class LLM:
                 batch.finish(b, "interrupted")
             raise
 
-    def _completion(self, batch: DecodeBatch, b: int, rt: _RowText | None,
+    def _completion(self, batch: DecodeBatch, b: int, rt: RowText | None,
                     tools: list[Mapping[str, Any]] | None) -> Completion:
         row = batch.rows[b]
         timings = batch.timings.to_dict()
@@ -399,10 +473,7 @@ class LLM:
         done = Completion(row.prompt, list(row.output), rt.text if rt is not None else None,
                           row.finish_reason or "stop", timings)
         if tools and self.tokenizer is not None:
-            from glm_runtime.tool_calls import parse_assistant_output
-
-            ids = row.output[:-1] if row.output and row.output[-1] in batch.stop_ids else row.output
-            parsed = parse_assistant_output(self.tokenizer.decode(ids, skip_special_tokens=False), tools)
+            parsed = self.parse_tool_calls(row.output, batch.stop_ids, tools)
             if parsed.tool_calls:
                 done.tool_calls, done.finish_reason = parsed.tool_calls, "tool_calls"
                 done.text = parsed.content

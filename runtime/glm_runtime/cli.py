@@ -21,6 +21,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run GLM-4 artifacts made by glm-export (ONNX Runtime; no torch).")
@@ -42,7 +43,8 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as e:
-            console.print(f"[bold red]error:[/] {e}", soft_wrap=True, markup=True)
+            # escape: messages quote things like [gMASK] or 'glm-runtime[server]' that rich would eat as markup
+            console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, markup=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -322,3 +324,51 @@ def info(artifact: Artifact, verify: VerifyOpt = Verify.size) -> None:
     ]
     for key, value in rows:
         sys.stdout.write(f"{key:>10}: {value}\n")
+
+
+@app.command()
+@friendly_errors
+def serve(
+    artifact: Artifact,
+    host: Annotated[str, typer.Option(help="Address to listen on. Loopback by default: exposing the server is an "
+                                           "explicit choice (then use --api-key-file).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key_file: Annotated[Path | None, typer.Option(help="File holding the API key clients must send as "
+                                                           "'Authorization: Bearer KEY'.")] = None,
+    max_concurrency: Annotated[int, typer.Option(help="Sequences decoded together (rows of the KV pool).")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Sequences that may wait for a row; beyond that: HTTP 429.")] = 32,
+    max_model_len: Annotated[int | None, typer.Option(help="Longest sequence (prompt + max_tokens) served "
+                                                           "(default: the model's context, as the KV budget "
+                                                           "allows for --max-concurrency rows).")] = None,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body (HTTP 413 beyond).")] = 1 << 20,
+    model_name: Annotated[str | None, typer.Option(help="Model id clients use (default: the artifact "
+                                                        "directory's name).")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on "
+                                                         "SIGTERM/SIGINT before they are cancelled.")] = 30.0,
+    threads: Threads = None,
+    provider: Provider = None,
+    verify: VerifyOpt = Verify.hash,
+    prefill_chunk: PrefillChunk = 512,
+    kv_budget_gb: Budget = None,
+) -> None:
+    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)
+    with continuous batching. Stops gracefully on SIGTERM."""
+    try:
+        from glm_runtime import server
+    except ImportError as e:
+        raise ValueError(f"the server needs {e.name or 'fastapi and uvicorn'}, which is not installed: "
+                         f"pip install 'glm-runtime[server]'") from None
+    from glm_runtime.scheduler import Scheduler
+
+    key = server.read_api_key(api_key_file) if api_key_file is not None else None
+    llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb)
+    scheduler = Scheduler(llm.engine, max_concurrency=max_concurrency, max_queue=max_queue,
+                          prefill_chunk=prefill_chunk, kv_budget_bytes=llm.generator.kv_budget_bytes,
+                          max_cache_len=max_model_len)
+    name = model_name or artifact.resolve().name
+    settings = server.ServerSettings(name, key, max_body_bytes, max_tokens_limit)
+    console.print(f"serving [bold]{escape(name)}[/] on http://{host}:{port}/v1 ({max_concurrency} concurrent "
+                  f"sequences, up to {scheduler.max_cache_len} tokens each; {scheduler.plan.arithmetic()})",
+                  soft_wrap=True)
+    server.serve(llm, scheduler, settings, host, port, shutdown_timeout)

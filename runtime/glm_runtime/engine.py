@@ -81,6 +81,28 @@ class Engine(Protocol):
     def describe(self) -> str: ...
 
 
+@runtime_checkable
+class RowEngine(Engine, Protocol):
+    """An engine that can run a step on a contiguous range of a cache's rows, and move a row's K/V.
+
+    What continuous batching needs (:mod:`glm_runtime.scheduler`): one pool of ``max_concurrency`` rows whose
+    active sequences are kept packed in rows ``[0, n)``. The row is the outermost dimension of every buffer, so
+    rows ``[start, stop)`` are one contiguous block: a view is the same memory at an offset (a numpy slice for
+    ONNX Runtime on the CPU, a device pointer offset for CUDA and TensorRT), never a copy. A separate protocol
+    (not new methods on :class:`Engine`) so engines written against the original interface still conform.
+    """
+
+    def rows(self, cache: KVCache, start: int, stop: int) -> KVCache:
+        """Rows ``[start, stop)`` of ``cache`` as a cache of their own (shared memory; ``step`` on it writes the
+        pool). Valid until ``cache`` is resized; engines may return the same view object again. The logits a step
+        on a view returns are valid until the next step on any view of ``cache`` (views may share one buffer)."""
+        ...
+
+    def copy_rows(self, cache: KVCache, src: int, dst: int, length: int) -> None:
+        """Copy slots ``[0, length)`` of row ``src`` to row ``dst`` in every K/V buffer of ``cache``."""
+        ...
+
+
 # ---- memory arithmetic ----------------------------------------------------------------------------------
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -136,6 +158,8 @@ class KVPlan:
     scratch_bytes: int
     budget_bytes: int
     cfg: ModelConfig
+    #: Memory that exists only while the cache is resized (a pool re-allocates one buffer at a time).
+    transient_bytes: int = 0
 
     @property
     def kv_bytes(self) -> int:
@@ -143,15 +167,17 @@ class KVPlan:
 
     @property
     def total_bytes(self) -> int:
-        return self.kv_bytes + self.scratch_bytes
+        return self.kv_bytes + self.scratch_bytes + self.transient_bytes
 
     def arithmetic(self) -> str:
         c = self.cfg
         return (f"KV cache {self.batch} x {self.cache_len} tokens x {format_bytes(self.bytes_per_token)}/token "
                 f"({c.num_layers} layers x K,V x {c.num_kv_heads} groups x {c.head_dim} x "
                 f"{DTYPE_BYTES[self.dtype]} bytes {self.dtype}) = {format_bytes(self.kv_bytes)}, "
-                f"+ prefill attention scratch {format_bytes(self.scratch_bytes)} (chunk {self.prefill_chunk}); "
-                f"budget {format_bytes(self.budget_bytes)}")
+                f"+ prefill attention scratch {format_bytes(self.scratch_bytes)} (chunk {self.prefill_chunk}"
+                + (f", one row at a time), + one buffer while resizing {format_bytes(self.transient_bytes)}"
+                   if self.transient_bytes else ")")
+                + f"; budget {format_bytes(self.budget_bytes)}")
 
 
 def plan_kv(cfg: ModelConfig, dtype: str, batch: int, cache_len: int, prefill_chunk: int,
@@ -174,3 +200,52 @@ def plan_kv(cfg: ModelConfig, dtype: str, batch: int, cache_len: int, prefill_ch
             f"raise the budget (load(..., kv_budget_bytes=...) / --kv-budget-gb) if the memory is really there"
         )
     return plan
+
+
+def plan_pool(cfg: ModelConfig, dtype: str, rows: int, cache_len: int, prefill_chunk: int,
+              budget_bytes: int) -> KVPlan:
+    """Size a continuous-batching pool: ``rows`` sequences of ``cache_len`` slots, or refuse with the arithmetic.
+
+    Unlike :func:`plan_kv`'s request, a pool prefills one row at a time (the attention scratch is that of a
+    batch of 1) and decodes all rows at once (one query per row: ``rows x heads x cache_len`` fp32 scores); it
+    is grown and shrunk buffer by buffer, so a resize briefly holds one extra K or V buffer of the new size.
+    """
+    per_token = cfg.kv_cache_bytes_per_token(dtype)
+    kv = rows * cache_len * per_token
+    transient = kv // (2 * cfg.num_layers)
+    decode = attention_scratch_bytes(cfg, rows, 1, cache_len)
+    chunk = max(1, prefill_chunk)
+
+    def scratch(c: int) -> int:
+        return attention_scratch_bytes(cfg, 1, c, cache_len) + decode
+
+    while chunk > MIN_PREFILL_CHUNK and kv + transient + scratch(chunk) > budget_bytes:
+        chunk = max(MIN_PREFILL_CHUNK, chunk // 2)
+    plan = KVPlan(rows, cache_len, per_token, dtype, chunk, scratch(chunk), budget_bytes, cfg, transient)
+    if plan.total_bytes > budget_bytes:
+        raise MemoryBudgetError(
+            f"the KV pool does not fit: {plan.arithmetic()}. Lower --max-concurrency or --max-model-len, or raise "
+            f"--kv-budget-gb if the memory is really there")
+    return plan
+
+
+def max_pool_cache_len(cfg: ModelConfig, dtype: str, rows: int, prefill_chunk: int, budget_bytes: int,
+                       limit: int | None = None) -> KVPlan:
+    """The plan of the longest pool (cache length a multiple of :data:`CACHE_LEN_MULTIPLE`, at most the
+    model's context and ``limit``) whose ``rows`` fit the budget: every request the pool admits fits in it."""
+    top = min(cfg.max_position, limit or cfg.max_position)
+    lo, hi = 1, max(1, top // CACHE_LEN_MULTIPLE)
+    best = plan_pool(cfg, dtype, rows, min(top, CACHE_LEN_MULTIPLE), prefill_chunk, budget_bytes)  # raises
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        try:
+            best = plan_pool(cfg, dtype, rows, mid * CACHE_LEN_MULTIPLE, prefill_chunk, budget_bytes)
+            lo = mid + 1
+        except MemoryBudgetError:
+            hi = mid - 1
+    if best.cache_len == (top // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE and top % CACHE_LEN_MULTIPLE:
+        try:  # a context that is not a multiple of 64 (rare) can still be used whole
+            best = plan_pool(cfg, dtype, rows, top, prefill_chunk, budget_bytes)
+        except MemoryBudgetError:
+            pass
+    return best

@@ -10,6 +10,11 @@ Why buffers sized per request: ORT's CPU ``Attention`` computes over the whole c
 a buffer sized to the model's 128K context would make every step cost 128K positions. Caches are sized to
 what a request needs (``engine.round_cache_len``) and grown by :meth:`OrtEngine.resize` when a conversation
 outgrows them.
+
+Row views (:meth:`OrtEngine.rows`, for continuous batching): rows ``[start, stop)`` of a cache are bound as
+OrtValues over the same memory (a numpy slice on the CPU; a device pointer offset on CUDA), each view with its
+own binding (its logits go to the first rows of the pool's logits buffer), so a decode step over the packed
+active rows or a prefill into free rows writes the shared pool in place.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
+_ONNX_ELEMENT_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16}  # onnx.TensorProto values, for bind_input
 
 
 def gpu_present() -> bool:
@@ -58,16 +64,20 @@ def numpy_dtype(name: str) -> np.dtype:
 class OrtKVCache:
     """K/V buffers of one batch of sequence slots, plus the logits buffer and the IO binding that use them."""
 
-    def __init__(self, engine: OrtEngine, batch: int) -> None:
+    def __init__(self, engine: OrtEngine, batch: int, logits: np.ndarray | None = None) -> None:
         self.batch = batch
         self.cache_len = 0
         self.itemsize = engine.itemsize
         self.binding = engine.session.io_binding()
         self.values: list[ort.OrtValue] = []
         self.arrays: list[np.ndarray] = []  # host arrays behind the OrtValues (CPU only)
-        self.logits = np.empty((batch, 1, engine.config.vocab_size), np.float32)
+        # A row view writes its logits into the first rows of its pool's buffer (one engine thread uses one view
+        # at a time), so views cost no vocabulary-sized buffers of their own.
+        self.logits = logits if logits is not None else np.empty((batch, 1, engine.config.vocab_size), np.float32)
         self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
         self.bound: dict[str, np.ndarray] = {}
+        self.views: dict[tuple[int, int], OrtKVCache] = {}  # row views of this cache (rebuilt after a resize)
+        self.parent: OrtKVCache | None = None  # set on a view: the cache whose rows it shows
 
     @property
     def nbytes(self) -> int:
@@ -153,22 +163,83 @@ class OrtEngine:
             self._bind_cache(cache, cache_len, keep=min(keep, cache.cache_len, cache_len))
 
     def _bind_cache(self, cache: OrtKVCache, cache_len: int, keep: int) -> None:
+        """(Re)allocate ``cache``'s buffers one at a time, keeping slots ``[0, keep)``.
+
+        One buffer at a time, each old one released as soon as it is copied: a resize needs one extra buffer
+        (1 / (2 x layers) of the cache), not a second cache.
+        """
+        if cache.parent is not None:
+            raise ValueError("a row view cannot be resized: resize the cache it is a view of")
         cfg = self.config
         shape = (cache.batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
-        old = cache.arrays if self.device == "cpu" or not keep else [v.numpy() for v in cache.values]
-        arrays, values = [], []
+        cache.views.clear()  # their OrtValues point into the old buffers
+        n = len(self._cache_names)
+        if len(cache.values) != n:
+            cache.values = [None] * n  # type: ignore[list-item]
+        if self.device == "cpu" and len(cache.arrays) != n:
+            cache.arrays = [None] * n  # type: ignore[list-item]
         for i, name in enumerate(self._cache_names):
             # Zeroed, not empty: masked slots get probability 0, and 0 * NaN from garbage memory would be NaN.
             arr = np.zeros(shape, self._dtype)
             if keep:
-                arr[:, :, :keep] = old[i][:, :, :keep]
+                old = cache.arrays[i] if self.device == "cpu" else cache.values[i].numpy()
+                arr[:, :, :keep] = old[:, :, :keep]
+                del old
             value = ort.OrtValue.ortvalue_from_numpy(arr, self.device, 0)
             cache.binding.bind_ortvalue_input(f"past_{name}", value)
             cache.binding.bind_ortvalue_output(f"present_{name}", value)
-            values.append(value)
+            # The last references to this layer's old buffer go here, before the next one is allocated.
+            cache.values[i] = value
             if self.device == "cpu":  # the OrtValue wraps this array: in-place updates are visible in it
-                arrays.append(arr)
-        cache.arrays, cache.values, cache.cache_len = arrays, values, cache_len
+                cache.arrays[i] = arr
+        cache.cache_len = cache_len
+
+    # ---- row views (continuous batching) ---------------------------------------------------------------
+    def rows(self, cache: OrtKVCache, start: int, stop: int) -> OrtKVCache:
+        """Rows ``[start, stop)`` of ``cache`` as a cache sharing its memory (see the module docstring).
+
+        The logits a step on a view returns are valid until the next step on any view of the same cache."""
+        if cache.parent is not None:
+            raise ValueError("take row views of the pool, not of a view")
+        if not 0 <= start < stop <= cache.batch:
+            raise ValueError(f"rows [{start}, {stop}) are outside the cache's {cache.batch} rows")
+        view = cache.views.get((start, stop))
+        if view is not None:
+            return view
+        view = OrtKVCache(self, stop - start, logits=cache.logits[:stop - start])
+        view.parent, view.cache_len = cache, cache.cache_len
+        cfg = self.config
+        shape = [stop - start, cfg.num_kv_heads, cache.cache_len, cfg.head_dim]
+        row_bytes = cfg.num_kv_heads * cache.cache_len * cfg.head_dim * self.itemsize
+        for i, name in enumerate(self._cache_names):
+            if self.device == "cpu":
+                arr = cache.arrays[i][start:stop]  # contiguous: the row is the outermost dimension
+                value = ort.OrtValue.ortvalue_from_numpy(arr)
+                view.binding.bind_ortvalue_input(f"past_{name}", value)
+                view.binding.bind_ortvalue_output(f"present_{name}", value)
+                view.arrays.append(arr)
+                view.values.append(value)
+            else:
+                ptr = cache.values[i].data_ptr() + start * row_bytes
+                for kind, io in (("past", view.binding.bind_input), ("present", view.binding.bind_output)):
+                    io(f"{kind}_{name}", self.device, 0, _ONNX_ELEMENT_TYPES[self.cache_dtype], shape, ptr)
+        cache.views[(start, stop)] = view
+        return view
+
+    def copy_rows(self, cache: OrtKVCache, src: int, dst: int, length: int) -> None:
+        """Slots ``[0, length)`` of row ``src`` to row ``dst``, in every buffer (the pool stays packed)."""
+        if src == dst or length <= 0:
+            return
+        if self.device == "cpu":
+            for arr in cache.arrays:
+                arr[dst, :, :length] = arr[src, :, :length]
+            return
+        from glm_runtime.engine_trt import copy_device_rows  # CUDA: a strided device-to-device copy
+
+        cfg = self.config
+        for value in cache.values:
+            copy_device_rows(value.data_ptr(), cfg.num_kv_heads, cache.cache_len, cfg.head_dim * self.itemsize,
+                             src, dst, length)
 
     def step(self, cache: OrtKVCache, input_ids: np.ndarray, position_ids: np.ndarray,  # type: ignore[override]
              logits_index: np.ndarray) -> np.ndarray:

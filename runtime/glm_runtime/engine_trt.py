@@ -11,6 +11,9 @@ with a message that says so (and the tests that need it skip with that reason).
 - Two execution contexts, one per optimization profile (0 = decode, 1 = prefill), share those buffers.
 - Decode steps are captured once per batch size into a CUDA graph and replayed (no per-token launch
   overhead of the individual kernels); a step whose shapes differ from the captured ones runs directly.
+- Row views (continuous batching, :class:`glm_runtime.engine.RowEngine`): rows ``[start, stop)`` of a cache
+  are the same device buffers at a pointer offset of ``start`` rows (the row is the outermost dimension);
+  views are kept per cache, so each one's captured decode graph stays valid.
 """
 
 from __future__ import annotations
@@ -78,11 +81,14 @@ def check_compatibility(entry: dict[str, Any], capability: tuple[int, int], trt_
 class TrtKVCache:
     """Device K/V buffers ``[batch, kv_heads, max_context, head_dim]``, K and V per layer."""
 
-    def __init__(self, engine: TrtEngine, batch: int) -> None:
+    def __init__(self, engine: TrtEngine, batch: int, pointers: list[int] | None = None) -> None:
         self.engine, self.batch, self.cache_len = engine, batch, engine.max_context
         cfg = engine.config
         self.buffer_bytes = batch * cfg.num_kv_heads * self.cache_len * cfg.head_dim * engine.cache_itemsize
-        self.pointers = [engine.malloc(self.buffer_bytes, zero=True) for _ in range(2 * cfg.num_layers)]
+        self.is_view = pointers is not None
+        self.pointers = pointers if pointers is not None else [
+            engine.malloc(self.buffer_bytes, zero=True) for _ in range(2 * cfg.num_layers)]
+        self.views: dict[tuple[int, int], TrtKVCache] = {}
 
     @property
     def nbytes(self) -> int:
@@ -92,9 +98,25 @@ class TrtKVCache:
         return list(self.pointers)
 
     def free(self) -> None:
-        for p in self.pointers:
-            self.engine.cudart.cudaFree(p)
+        if not self.is_view:  # a view's memory belongs to its cache
+            for p in self.pointers:
+                self.engine.cudart.cudaFree(p)
         self.pointers = []
+        self.views.clear()
+
+
+def copy_device_rows(base: int, heads: int, cache_len: int, slot_bytes: int, src: int, dst: int, length: int,
+                     stream: Any = 0) -> None:
+    """Copy slots ``[0, length)`` of row ``src`` to row ``dst`` of one device buffer ``[rows, heads, cache_len,
+    slot]``: per head one contiguous run of ``length x slot_bytes``, heads ``cache_len x slot_bytes`` apart, so
+    one strided 2-D device-to-device copy (no host round trip)."""
+    cudart = _cudart()
+    pitch = cache_len * slot_bytes
+    row = heads * pitch
+    kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+    _ok(cudart.cudaMemcpy2DAsync(base + dst * row, pitch, base + src * row, pitch, length * slot_bytes, heads,
+                                 kind, stream))
+    _ok(cudart.cudaStreamSynchronize(stream))
 
 
 class TrtEngine:
@@ -146,6 +168,27 @@ class TrtEngine:
 
     def resize(self, cache: TrtKVCache, cache_len: int, keep: int) -> None:
         self._check_size(cache.batch, cache_len)  # the buffers already hold max_context slots
+
+    def rows(self, cache: TrtKVCache, start: int, stop: int) -> TrtKVCache:
+        """Rows ``[start, stop)`` of ``cache``: the same buffers at an offset of ``start`` rows."""
+        if cache.is_view:
+            raise ValueError("take row views of the pool, not of a view")
+        if not 0 <= start < stop <= cache.batch:
+            raise ValueError(f"rows [{start}, {stop}) are outside the cache's {cache.batch} rows")
+        view = cache.views.get((start, stop))
+        if view is None:
+            row_bytes = cache.buffer_bytes // cache.batch
+            view = TrtKVCache(self, stop - start, [p + start * row_bytes for p in cache.pointers])
+            cache.views[(start, stop)] = view
+        return view
+
+    def copy_rows(self, cache: TrtKVCache, src: int, dst: int, length: int) -> None:
+        if src == dst or length <= 0:
+            return
+        cfg = self.config
+        for ptr in cache.pointers:
+            copy_device_rows(ptr, cfg.num_kv_heads, cache.cache_len, cfg.head_dim * self.cache_itemsize, src, dst,
+                             length, self.stream)
 
     def _check_size(self, batch: int, cache_len: int) -> None:
         if batch > self.max_batch or cache_len > self.max_context:

@@ -1,0 +1,461 @@
+"""Continuous batching: one KV pool, one engine thread; sequences join and leave the running decode batch.
+
+Why: a server that ran each request as its own :class:`~glm_runtime.generator.DecodeBatch` would queue every
+request behind the ones decoding (or multiply the weight reads per token by running them side by side). Here
+every decode step runs all active sequences at once, and a new request is prefilled between two decode steps
+and then joins them, whatever the lengths of the others: the graph takes a position per row, writes K/V at
+slot == position and admits slots ``<= position`` only (``docs/graph.md``), so rows at different lengths
+share a step.
+
+The pool: ``max_concurrency`` rows x ``cache_len`` slots, allocated by the engine. Active sequences are kept
+packed in rows ``[0, n)``, so a decode step is one call on a contiguous view of ``n`` rows (no copy; see
+:class:`glm_runtime.engine.RowEngine`). A sequence being prefilled sits in row ``n`` and is written through a
+one-row view, in chunks. When a sequence ends, the last active row's valid slots are copied into its row.
+Slots beyond a sequence's length may hold an earlier occupant's K/V: harmless, because each slot is written
+before the mask ever admits it (finite values, times probability 0).
+
+Memory: ``cache_len`` follows the longest admitted request (prompt + max_new_tokens, rounded to 64), grows
+when a longer one is admitted and shrinks when it is over twice what the running ones need (ONNX Runtime's
+attention costs the whole buffer length). The largest pool, ``max_concurrency x max_cache_len``, is checked
+against the KV budget once at start (:func:`glm_runtime.engine.max_pool_cache_len`), so growth never exceeds
+it; a request longer than ``max_cache_len`` is refused when submitted, and when every row and the bounded
+queue are taken, :meth:`Scheduler.submit` raises :class:`QueueFullError` (HTTP 429) instead of queueing more.
+
+Policy per engine-loop iteration: drop cancelled sequences; prefill queued sequences FIFO, spending about one
+``prefill_chunk`` of prompt tokens per iteration (so decoding rows wait for at most one chunk): short prompts
+that arrived together are prefilled in one call on their adjacent free rows, a long one chunk by chunk through
+a one-row view; then one decode step over all active rows. Each sequence has its own
+:class:`~glm_runtime.sampling.Sampler` (batch 1): its settings and random stream are its own, so a seeded
+request samples the same tokens whatever else is running.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from glm_runtime.engine import (
+    CACHE_LEN_MULTIPLE,
+    KVCache,
+    KVPlan,
+    RowEngine,
+    default_budget_bytes,
+    max_pool_cache_len,
+    plan_pool,
+    round_cache_len,
+)
+from glm_runtime.generator import DEFAULT_PREFILL_CHUNK, ContextLengthError
+from glm_runtime.sampling import Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """Every row is busy and the wait queue is full: retry later (HTTP 429)."""
+
+
+class SchedulerClosedError(RuntimeError):
+    """The scheduler is shutting down and takes no new sequences (HTTP 503)."""
+
+
+class Listener(Protocol):
+    """Receives a sequence's tokens. Called from the engine thread (``on_finish`` also from the thread that
+    cancels a queued sequence or closes the scheduler); keep it quick, it runs between decode steps."""
+
+    def on_token(self, seq: Sequence, token: int) -> bool:
+        """A new token (already in ``seq.output``); return ``True`` to end the sequence now (a stop string)."""
+        ...
+
+    def on_finish(self, seq: Sequence) -> None:
+        """Called exactly once, after the last ``on_token``; ``seq.finish_reason`` is set."""
+        ...
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sequence in the scheduler. ``finish_reason``: stop, length, cancelled, error (``error`` says why)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0))
+    stop_ids: frozenset[int] = frozenset()
+    listener: Listener | None = None
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    row: int = -1
+    prefilled: int = 0
+    t_submit: float = 0.0
+    t_first_token: float | None = None
+    t_end: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    cancel_requested: bool = False
+    sampler: Sampler | None = None
+
+    @property
+    def length(self) -> int:
+        """Slots of this sequence's row holding valid K/V (the last output token's is written next step)."""
+        return len(self.prompt) + len(self.output) - 1 if self.output else self.prefilled
+
+    @property
+    def needed(self) -> int:
+        """Cache slots the sequence may use by its end."""
+        return len(self.prompt) + self.max_new_tokens
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+
+@dataclass
+class Stats:
+    """Counters for ``/metrics`` (monotonic, except the gauges the scheduler reads live)."""
+
+    submitted: int = 0
+    rejected: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0  # sum of batch sizes over decode steps (mean batch = decode_rows / decode_steps)
+    prefill_calls: int = 0
+    ttft_seconds_sum: float = 0.0
+    ttft_count: int = 0
+    queue_seconds_sum: float = 0.0
+    resizes: int = 0
+    engine_errors: int = 0
+
+
+class Scheduler:
+    """Owns the KV pool and the engine thread; :meth:`submit` from any thread."""
+
+    def __init__(self, engine: RowEngine, *, max_concurrency: int = 8, max_queue: int = 32,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_budget_bytes: int | None = None,
+                 max_cache_len: int | None = None) -> None:
+        if not isinstance(engine, RowEngine):
+            raise TypeError(f"{type(engine).__name__} cannot run row views (rows / copy_rows): it cannot batch "
+                            f"continuously")
+        if max_concurrency < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError(f"need max_concurrency >= 1, max_queue >= 0, prefill_chunk >= 1; got "
+                             f"{max_concurrency}, {max_queue}, {prefill_chunk}")
+        self.engine = engine
+        self.config = engine.config
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        budget = kv_budget_bytes if kv_budget_bytes is not None else default_budget_bytes()
+        #: The largest pool (every request admitted fits in it); raises MemoryBudgetError if none fits.
+        self.plan: KVPlan = max_pool_cache_len(self.config, engine.cache_dtype, max_concurrency, prefill_chunk,
+                                               budget, max_cache_len)
+        self.max_cache_len = self.plan.cache_len
+        self.budget_bytes = budget
+        self.requested_chunk = prefill_chunk
+        #: The prefill chunk for the pool's current length: the largest pool may need a smaller one than a
+        #: short pool (attention scratch grows with the cache length), so it is re-planned on every resize.
+        self.prefill_chunk = self.plan.prefill_chunk
+        log.info("KV pool at most: %s", self.plan.arithmetic())
+        self.pool: KVCache | None = None
+        self.stats = Stats()
+        self._cv = threading.Condition()
+        self._queue: deque[Sequence] = deque()
+        self._active: list[Sequence] = []  # decoding, packed: _active[b].row == b
+        self._prefilling: Sequence | None = None  # at row len(_active)
+        self._admitted: list[Sequence] = []  # the last group taken from the queue
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="glm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- any thread -----------------------------------------------------------------------------------
+    def submit(self, *seqs: Sequence) -> list[Sequence]:
+        """Queue ``seqs`` (all or none). Raises ``ValueError`` for a request that can never run,
+        :class:`QueueFullError` when rows and queue are full, :class:`SchedulerClosedError` when closing."""
+        cfg = self.config
+        for s in seqs:
+            if not s.prompt:
+                raise ValueError("the prompt is empty: give at least one token")
+            bad = [t for t in s.prompt if not (isinstance(t, int) and 0 <= t < cfg.vocab_size)]
+            if bad:
+                raise ValueError(f"the prompt has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
+            if not isinstance(s.max_new_tokens, int) or s.max_new_tokens < 1:
+                raise ValueError(f"max_tokens must be a positive integer, got {s.max_new_tokens!r}")
+            if s.needed > self.max_cache_len:
+                raise ContextLengthError(
+                    f"prompt ({len(s.prompt)} tokens) + max_tokens ({s.max_new_tokens}) = {s.needed} exceeds this "
+                    f"server's context of {self.max_cache_len} tokens per sequence"
+                    + (f" (the model's is {cfg.max_position}; the KV budget for {self.max_concurrency} concurrent "
+                       f"sequences limits it)" if self.max_cache_len < cfg.max_position else "")
+                    + ": shorten the prompt or lower max_tokens")
+        with self._cv:
+            if self._closed:
+                raise SchedulerClosedError("the server is shutting down")
+            free = self.max_concurrency - len(self._active) - (self._prefilling is not None)
+            if len(self._queue) + len(seqs) > free + self.max_queue:
+                self.stats.rejected += len(seqs)
+                raise QueueFullError(
+                    f"all {self.max_concurrency} sequence slots are busy and {len(self._queue)} requests are "
+                    f"waiting (queue bound {self.max_queue}): retry later")
+            now = time.perf_counter()
+            for s in seqs:
+                s.t_submit = now
+                s.sampler = Sampler(s.params, 1, cfg.vocab_size)
+                s.sampler.observe(0, s.prompt)
+                self._queue.append(s)
+            self.stats.submitted += len(seqs)
+            self._cv.notify_all()
+        return list(seqs)
+
+    def cancel(self, seq: Sequence) -> None:
+        """End ``seq`` (a client went away): a queued one at once, a running one before the next step."""
+        with self._cv:
+            if seq.finish_reason is not None:
+                return
+            seq.cancel_requested = True
+            if seq in self._queue:
+                self._queue.remove(seq)
+                queued = True
+            else:
+                queued = False
+                self._cv.notify_all()
+        if queued:
+            self._end(seq, "cancelled")
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop: refuse new sequences, cancel queued and running ones, join the engine thread."""
+        with self._cv:
+            self._closed = True
+            queued, self._queue = list(self._queue), deque()
+            for s in [*self._active, *([self._prefilling] if self._prefilling else [])]:
+                s.cancel_requested = True
+            self._cv.notify_all()
+        for s in queued:
+            self._end(s, "cancelled")
+        self._thread.join(timeout)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Gauges for ``/metrics`` and ``/health``."""
+        with self._cv:
+            pool = self.pool
+            return {"running": len(self._active) + (self._prefilling is not None), "queued": len(self._queue),
+                    "max_concurrency": self.max_concurrency, "max_queue": self.max_queue,
+                    "cache_len": pool.cache_len if pool is not None else 0,
+                    "max_cache_len": self.max_cache_len,
+                    "kv_bytes": pool.nbytes if pool is not None else 0, "kv_budget_bytes": self.plan.budget_bytes,
+                    "kv_max_bytes": self.plan.total_bytes, "alive": self._thread.is_alive()}
+
+    # ---- the engine thread ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._queue or self._active or self._prefilling):
+                    if self._closed:
+                        return
+                    if self.pool is not None and self.pool.cache_len > CACHE_LEN_MULTIPLE:
+                        break  # idle: give the memory back first
+                    self._cv.wait()
+            try:
+                self._iteration()
+            except Exception as e:  # an engine failure ends the running sequences, not the server
+                log.exception("engine step failed")
+                self.stats.engine_errors += 1
+                for s in [*self._running(), *self._admitted]:  # none may be left waiting forever
+                    if not s.done.is_set():
+                        s.error = f"the engine failed: {e}"
+                        self._end(s, "error")
+                self._active, self._prefilling, self._admitted = [], None, []
+
+    def _iteration(self) -> None:
+        for s in sorted((s for s in self._running() if s.cancel_requested), key=lambda s: -s.row):
+            self._remove(s, "cancelled")
+        budget = self.prefill_chunk
+        while budget > 0:
+            if self._prefilling is not None:
+                budget -= self._prefill(self._prefilling)
+                continue
+            group = self._admit(budget)
+            if not group:
+                break
+            if len(group) == 1 and len(group[0].prompt) > self.prefill_chunk:
+                self._prefilling = group[0]  # a long prompt: chunk by chunk, one row
+                budget -= self._prefill(group[0])
+            else:
+                budget -= self._prefill_group(group)
+        if self._active:
+            self._decode()
+        self._maybe_shrink()
+
+    def _running(self) -> list[Sequence]:
+        return [*self._active, *([self._prefilling] if self._prefilling else [])]
+
+    def _admit(self, budget: int) -> list[Sequence]:
+        """Take waiting sequences for the next free rows: the head always (when a row is free), then more short
+        ones while the group, padded to its longest prompt, stays within ``budget`` prompt tokens."""
+        with self._cv:
+            free = self.max_concurrency - len(self._active)
+            if not self._queue or free < 1:
+                return []
+            group = [self._queue.popleft()]
+            width = len(group[0].prompt)
+            while (self._queue and len(group) < free and width <= self.prefill_chunk
+                   and (len(group) + 1) * max(width, len(self._queue[0].prompt)) <= budget):
+                group.append(self._queue.popleft())
+                width = max(width, len(group[-1].prompt))
+        self._admitted = group  # out of the queue, not yet in a row: the error path must still end them
+        needed = max(s.needed for s in [*self._active, *group])
+        if self.pool is None:
+            self.pool = self.engine.allocate(self.max_concurrency, round_cache_len(needed, self.max_cache_len))
+            self._replan()
+        elif needed > self.pool.cache_len:
+            self._resize(round_cache_len(needed, self.max_cache_len))
+        now = time.perf_counter()
+        for i, seq in enumerate(group):
+            seq.row = len(self._active) + i
+            self.stats.queue_seconds_sum += now - seq.t_submit
+        return group
+
+    def _resize(self, cache_len: int) -> None:
+        assert self.pool is not None
+        keep = max((s.length for s in self._running()), default=0)
+        log.debug("KV pool %d -> %d slots (keeping %d)", self.pool.cache_len, cache_len, keep)
+        self.engine.resize(self.pool, cache_len, keep=keep)
+        self.stats.resizes += 1
+        self._replan()
+
+    def _replan(self) -> None:
+        assert self.pool is not None
+        self.prefill_chunk = plan_pool(self.config, self.engine.cache_dtype, self.max_concurrency,
+                                       self.pool.cache_len, self.requested_chunk, self.budget_bytes).prefill_chunk
+
+    def _maybe_shrink(self) -> None:
+        if self.pool is None:
+            return
+        target = round_cache_len(max((s.needed for s in self._running()), default=1), self.max_cache_len)
+        if 2 * target <= self.pool.cache_len:
+            self._resize(target)
+
+    def _prefill(self, seq: Sequence) -> int:
+        """One prefill chunk of ``seq`` through a one-row view; the last one samples its first token."""
+        assert self.pool is not None
+        view = self.engine.rows(self.pool, seq.row, seq.row + 1)
+        c0 = seq.prefilled
+        c1 = min(len(seq.prompt), c0 + self.prefill_chunk)
+        ids = np.asarray([seq.prompt[c0:c1]], np.int64)
+        pos = np.arange(c0, c1, dtype=np.int64)[None]
+        index = np.asarray([[c1 - c0 - 1]], np.int64)
+        logits = self.engine.step(view, ids, pos, index)
+        self.stats.prefill_calls += 1
+        seq.prefilled = c1
+        if c1 == len(seq.prompt):
+            self._prefilling = None
+            assert seq.row == len(self._active)
+            self.stats.prompt_tokens += len(seq.prompt)
+            self._active.append(seq)
+            if self._accept(seq, logits[0:1]):
+                self._remove(seq, None)
+        return c1 - c0
+
+    def _prefill_group(self, group: list[Sequence]) -> int:
+        """Prefill short prompts together in one call on rows ``[n, n + k)`` (right-padded: a padded tail writes
+        slots its row overwrites before the mask admits them); each row's logits come from its last prompt token.
+        They join the decode batch together, so the rows stay packed."""
+        assert self.pool is not None
+        n, k = len(self._active), len(group)
+        width = max(len(s.prompt) for s in group)
+        ids = np.full((k, width), self.config.pad_token_id, np.int64)
+        for b, seq in enumerate(group):
+            ids[b, :len(seq.prompt)] = seq.prompt
+        pos = np.tile(np.arange(width, dtype=np.int64), (k, 1))
+        index = np.asarray([[len(s.prompt) - 1] for s in group], np.int64)
+        logits = self.engine.step(self.engine.rows(self.pool, n, n + k), ids, pos, index)
+        self.stats.prefill_calls += 1
+        finished = []
+        for b, seq in enumerate(group):
+            seq.prefilled = len(seq.prompt)
+            self.stats.prompt_tokens += len(seq.prompt)
+            self._active.append(seq)
+            if self._accept(seq, logits[b:b + 1]):
+                finished.append(seq)
+        for seq in sorted(finished, key=lambda s: -s.row):
+            self._remove(seq, None)
+        return k * width
+
+    def _decode(self) -> None:
+        assert self.pool is not None
+        n = len(self._active)
+        arrays = self._arrays.get(n)
+        if arrays is None:  # allocated once per batch size: the engine binds them once
+            arrays = self._arrays[n] = (np.zeros((n, 1), np.int64), np.zeros((n, 1), np.int64),
+                                        np.zeros((n, 1), np.int64))
+        ids, pos, index = arrays
+        for b, s in enumerate(self._active):
+            ids[b, 0], pos[b, 0] = s.output[-1], s.length
+        logits = self.engine.step(self.engine.rows(self.pool, 0, n), ids, pos, index)
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += n
+        finished = [s for b, s in enumerate(list(self._active)) if self._accept(s, logits[b:b + 1])]
+        for s in sorted(finished, key=lambda s: -s.row):
+            self._remove(s, None)
+
+    def _accept(self, seq: Sequence, logits: np.ndarray) -> bool:
+        """Sample ``seq``'s next token, tell its listener; ``True`` when the sequence has ended."""
+        assert seq.sampler is not None
+        tok = int(seq.sampler(logits)[0])
+        seq.sampler.observe(0, (tok,))
+        seq.output.append(tok)
+        self.stats.generated_tokens += 1
+        if seq.t_first_token is None:
+            seq.t_first_token = time.perf_counter()
+            self.stats.ttft_seconds_sum += seq.t_first_token - seq.t_submit
+            self.stats.ttft_count += 1
+        if tok in seq.stop_ids:
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= seq.max_new_tokens:
+            seq.finish_reason = "length"
+        if seq.listener is not None:
+            try:
+                if seq.listener.on_token(seq, tok) and seq.finish_reason is None:
+                    seq.finish_reason = "stop"
+            except Exception as e:  # a broken listener ends its own sequence only
+                log.exception("listener failed")
+                seq.error = f"{type(e).__name__}: {e}"
+                seq.finish_reason = "error"
+        return seq.finish_reason is not None
+
+    def _remove(self, seq: Sequence, reason: str | None) -> None:
+        """Free ``seq``'s row, keeping the active rows packed in ``[0, n)``."""
+        assert self.pool is not None
+        if seq is self._prefilling:
+            self._prefilling = None
+        else:
+            k, last = seq.row, len(self._active) - 1
+            assert self._active[k] is seq
+            if k != last:  # the last active row moves into the hole
+                mover = self._active[last]
+                self.engine.copy_rows(self.pool, last, k, mover.length)
+                self._active[k], mover.row = mover, k
+            self._active.pop()
+            p = self._prefilling
+            if p is not None:  # the row being prefilled moves down next to the active ones
+                self.engine.copy_rows(self.pool, p.row, last, p.prefilled)
+                p.row = last
+        seq.row = -1
+        self._end(seq, reason or seq.finish_reason or "stop")
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        if seq.done.is_set():
+            return
+        if seq.finish_reason is None:
+            seq.finish_reason = reason
+        seq.t_end = time.perf_counter()
+        self.stats.finished[seq.finish_reason] = self.stats.finished.get(seq.finish_reason, 0) + 1
+        seq.done.set()
+        if seq.listener is not None:
+            try:
+                seq.listener.on_finish(seq)
+            except Exception:
+                log.exception("listener failed")
+
