@@ -51,12 +51,18 @@ def _greedy_torch(model: torch.nn.Module, prompt: list[int], steps: int) -> list
     return out
 
 
+def cache_dtype(graph: Any) -> np.dtype:
+    """The dtype the graph's cache inputs take (an int8 KV cache too, which OrtGraph does not map)."""
+    kind = graph.session.get_inputs()[3].type
+    return np.dtype(np.int8) if kind == "tensor(int8)" else graph.cache_dtype
+
+
 def _greedy_onnx(graph: Any, cfg: Any, prompt: list[int], steps: int) -> list[int]:
     ids = np.array([prompt], np.int64)
     pos = np.arange(len(prompt), dtype=np.int64)[None]
     last = np.array([[len(prompt) - 1]], np.int64)
     shape = (1, cfg.num_kv_heads, len(prompt) + steps, cfg.head_dim)
-    cache = [np.zeros(shape, graph.cache_dtype) for _ in range(2 * cfg.num_layers)]
+    cache = [np.zeros(shape, cache_dtype(graph)) for _ in range(2 * cfg.num_layers)]
     out: list[int] = []
     for step in range(steps):
         logits, cache = graph.step(ids, pos, last, cache)
@@ -97,7 +103,8 @@ def measure(model_dir: Path, artifact: Path, tokenizer_dir: Path | None, samples
     nll_q: list[float] = []
     for seq, lp in zip(seqs, ref_logp, strict=True):
         n = len(seq)
-        cache = [np.zeros((1, cfg.num_kv_heads, n, cfg.head_dim), graph.cache_dtype) for _ in range(2 * cfg.num_layers)]
+        cache = [np.zeros((1, cfg.num_kv_heads, n, cfg.head_dim), cache_dtype(graph))
+                 for _ in range(2 * cfg.num_layers)]
         ar = np.arange(n, dtype=np.int64)[None]
         got, _ = graph.step(np.array([seq], np.int64), ar, ar, cache)
         lq = _log_softmax(got[0])

@@ -126,7 +126,8 @@ def tokenize(records: Sequence[dict[str, Any]], tokenizer_dir: Path | None, voca
             out.append(ids)
     if len(out) < MIN_SAMPLES:
         raise CalibrationError(f"only {len(out)} calibration samples have {MIN_TOKENS}+ tokens; at least "
-                               f"{MIN_SAMPLES} are needed")
+                               f"{MIN_SAMPLES} are needed: use longer samples (whole conversations or paragraphs) "
+                               f"or --calibration default")
     how = "the checkpoint's chat template" if templated else "plain text (the tokenizer has no chat template)"
     return out, f"{len(out)} samples rendered through {how}, truncated to {seq_len} tokens"
 
@@ -154,6 +155,9 @@ class Stats:
     kv_absmax: dict[str, float]  # "past_key_0" -> abs-max of K after RoPE written into the cache
     tokens: int
     note: str
+    # per channel ([kv_heads * head_dim]) abs-max of the same: a quantized cache needs V's range *after* the
+    # o_proj smoothing / AWQ scales are folded into V's channels, which only per-channel maxima give
+    kv_channel_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_report(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "note": self.note,
@@ -195,6 +199,7 @@ def collect(model: torch.nn.Module, sequences: Sequence[Sequence[int]], note: st
                if isinstance(m, Linear)]
     cfg = model.cfg  # type: ignore[attr-defined]
     kv: dict[str, float] = {}
+    kv_ch: dict[str, torch.Tensor] = {}
     tokens = 0
     try:
         with torch.no_grad(), count_progress() as progress:
@@ -211,6 +216,8 @@ def collect(model: torch.nn.Module, sequences: Sequence[Sequence[int]], note: st
                     for j, kind in enumerate(("key", "value")):
                         name = f"past_{kind}_{i}"
                         kv[name] = max(kv.get(name, 0.0), float(cache[2 * i + j].abs().max()))
+                        ch = cache[2 * i + j].abs().amax(dim=(0, 2)).reshape(-1).float()
+                        kv_ch[name] = torch.maximum(kv_ch[name], ch) if name in kv_ch else ch
                 tokens += n
                 progress.advance(task)
     finally:
@@ -219,4 +226,4 @@ def collect(model: torch.nn.Module, sequences: Sequence[Sequence[int]], note: st
     for s in stats.values():
         s.rows = [s.sample_rows()]
     console.print(f"calibrated on {len(sequences)} sequences, {tokens} tokens")
-    return Stats(stats, kv, tokens, note)
+    return Stats(stats, kv, tokens, note, kv_ch)

@@ -66,6 +66,16 @@ class WeightMethod(str, Enum):
     rtn = "rtn"
 
 
+class WeightClip(str, Enum):
+    mse = "mse"
+    none = "none"
+
+
+WEIGHT_CLIP_HELP = ("int4 block scales: mse (per-block clip search, least-squares scale) or none (abs-max / 7).")
+WEIGHT_ZERO_POINT_HELP = ("int4 zero points (asymmetric blocks). Default: on for ONNX Runtime (MatMulNBits), off for "
+                          "TensorRT (its DequantizeLinear takes none).")
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
@@ -156,9 +166,11 @@ def build(
     calib_samples: Annotated[int, typer.Option(help="Calibration samples to use.", min=1)] = 256,
     calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample (longer ones are cut).")] = 512,
     smoothquant_alpha: Annotated[float, typer.Option(help="int8 SmoothQuant migration strength (0 = none).")] = 0.5,
-    weight_block: Annotated[int, typer.Option(help="int4 block size: 32, 64 or 128.")] = 128,
+    weight_block: Annotated[int, typer.Option(help="int4 block size: 32, 64 or 128.")] = 32,
     weight_method: Annotated[WeightMethod, typer.Option(help="int4 rounding: awq (activation-aware) or rtn.")]
     = WeightMethod.awq,
+    weight_clip: Annotated[WeightClip, typer.Option(help=WEIGHT_CLIP_HELP)] = WeightClip.mse,
+    weight_zero_point: Annotated[bool | None, typer.Option(help=WEIGHT_ZERO_POINT_HELP, show_default=False)] = None,
     accuracy_samples: Annotated[int, typer.Option(help="Held-out sequences for the accuracy report (0: skip).")]
     = 8,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
@@ -171,7 +183,8 @@ def build(
     spec = EngineSpec("auto", max_batch, max_context, max_prefill, tuple(target or ()))
     quant = QuantOptions(calibration=calibration, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                          smoothquant_alpha=smoothquant_alpha, weight_block=weight_block,
-                         weight_method=weight_method.value, accuracy_samples=accuracy_samples)
+                         weight_method=weight_method.value, weight_clip=weight_clip.value,
+                         weight_zero_point=weight_zero_point, accuracy_samples=accuracy_samples)
     build_artifact(model, out, precision.value, overwrite=overwrite, validate=validate,
                    backend=backend.value if backend else None, engine=spec, quant=quant, resume=resume)
 

@@ -9,8 +9,7 @@ stays in higher precision, and why:
 
 - the embedding (a Gather reads one row per token: no bandwidth to save, any error hits every token);
 - RMSNorm weights and the qkv bias (tiny; they also absorb the smoothing scales);
-- attention, rotary, softmax and the KV cache (fp32 in the graph; calibrated K/V ranges are reported for a
-  quantized cache, which is not written yet).
+- attention, rotary and softmax; the KV cache unless ``kv_cache="int8"`` (then int8 with static scales).
 
 Rescaling that folds exactly into the graph (x' = x / s, W' = diag(s) W, the product unchanged), used by
 SmoothQuant (int8) and AWQ (int4): qkv <- input_norm weight, gate_up <- post_attn_norm weight, lm_head <-
@@ -26,8 +25,11 @@ modelopt's export does not fit opset 24, see ``docs/quantization.md``):
   and TensorRT). ORT CPU fuses it to int8 kernels; TensorRT runs it as an int8 GEMM.
 - fp8: the same with float8e4m3fn, the layout TensorRT's FP8 GEMM fusion expects; on ORT CPU the Q/DQ run as
   plain ops (the numerical reference).
-- int4: ``com.microsoft::MatMulNBits`` (ORT CPU, ``int4_format="nbits"``) or a blocked
-  ``DequantizeLinear(block_size)`` on an int4 initializer (TensorRT, ``"qdq"``); symmetric blocks either way.
+- int4: ``com.microsoft::MatMulNBits`` (ORT CPU, ``int4_format="nbits"``; asymmetric blocks with 4-bit zero
+  points by default) or a blocked ``DequantizeLinear(block_size)`` on an int4 initializer (TensorRT, ``"qdq"``;
+  symmetric with positive scales, all TensorRT's IDequantizeLayer accepts). Block scales come from a per-block
+  clip search (``quant_int4.py``).
+- int8 KV cache (``kv_cache="int8"``, ONNX Runtime only): ``quant_kv.py``.
 """
 
 from __future__ import annotations
@@ -46,14 +48,15 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from glm_export import accuracy, calibrate
+from glm_export import accuracy, calibrate, quant_int4, quant_kv
 from glm_export.calibrate import CalibrationError, Stats
 from glm_export.progress import console
+from glm_export.quant_int4 import CLIP_METHODS, Int4Blocks
 
 QUANTIZED_PRECISIONS = ("fp8", "int8", "int4")
 WEIGHT_METHODS = ("rtn", "awq")
 BLOCK_SIZES = (32, 64, 128)
-KV_CACHE_CHOICES = ("model",)
+KV_CACHE_CHOICES = quant_kv.KV_CACHE_DTYPES
 INT4_FORMATS = ("nbits", "qdq")
 FP8_MAX = 448.0
 AWQ_GRID = 20
@@ -71,15 +74,22 @@ class QuantOptions:
     calib_samples: int = 256
     calib_seq_len: int = 512
     smoothquant_alpha: float = 0.5  # int8; 0 disables smoothing (naive per-tensor W8A8)
-    weight_block: int = 128  # int4 block size (32, 64 or 128)
+    # int4 block size (32, 64 or 128). 32: measured on glm-4-9b-2layer, KL 0.116 vs 0.246 (block 128, the earlier
+    # scheme) for ~20% more bytes per weight (5.1 vs 4.3 bits with fp32 scales and zero points)
+    weight_block: int = 32
     weight_method: str = "awq"  # "rtn" or "awq"
-    kv_cache: str = "model"  # "model" (graph dtype); fp8 / int8 caches: ranges are reported, not yet written
+    weight_clip: str = "mse"  # int4 block scales: "mse" (clip-ratio search + least-squares refit) or "none"
+    # int4 zero points (asymmetric blocks): None = where the backend takes them (ONNX Runtime's MatMulNBits yes,
+    # TensorRT's DequantizeLinear no: it accepts only zero-valued zero points)
+    weight_zero_point: bool | None = None
+    kv_cache: str = "model"  # "model" (graph dtype) or "int8" (static per-tensor scales, ONNX Runtime; quant_kv.py)
     int4_format: str = "nbits"  # "nbits" (ORT MatMulNBits) or "qdq" (blocked DequantizeLinear, TensorRT)
     quantize_lm_head: bool = True
     # int8 weights in [-63, 63] (ORT's reduce_range): ONNX Runtime's x86 int8 kernels without VNNI (AVX2, e.g.
     # this AMD EPYC) add u8*s8 pairs in int16 and saturate with full-range weights (measured: 0.3 abs error on
     # a 200-deep dot product, exact with 7 bits). Set False for TensorRT or VNNI / ARM hosts.
     int8_reduce_range: bool = True
+    backend: str = "onnxruntime"  # set by options_for_backend: what the graph must run on
     accuracy_samples: int = 8  # held-out sequences for the accuracy report (0: skip it)
     target_compute_capability: float | None = None  # GPU the artifact is for, when known (fp8 needs >= 8.9)
 
@@ -90,7 +100,15 @@ def options_for_backend(options: QuantOptions, backend: str) -> QuantOptions:
     and whose int8 GEMMs do not saturate)."""
     if backend == "onnxruntime":
         return options
-    return replace(options, int4_format="qdq", int8_reduce_range=False)
+    zp = False if options.weight_zero_point is None else options.weight_zero_point
+    return replace(options, int4_format="qdq", int8_reduce_range=False, weight_zero_point=zp, backend=backend)
+
+
+def int4_zero_point(options: QuantOptions) -> bool:
+    """Whether int4 blocks get zero points: asked for, or by default where the graph form takes them."""
+    if options.weight_zero_point is None:
+        return options.int4_format == "nbits"
+    return options.weight_zero_point
 
 
 def check_options(precision: str, options: QuantOptions) -> None:
@@ -105,12 +123,21 @@ def check_options(precision: str, options: QuantOptions) -> None:
     if not 0.0 <= options.smoothquant_alpha <= 1.0:
         raise QuantizeError(f"--smoothquant-alpha {options.smoothquant_alpha} is outside [0, 1] (0.5 is the usual)")
     if options.weight_block not in BLOCK_SIZES:
-        raise QuantizeError(f"--weight-block {options.weight_block}: choose one of {BLOCK_SIZES} (128 default)")
+        raise QuantizeError(f"--weight-block {options.weight_block}: choose one of {BLOCK_SIZES} (32 default)")
     if options.weight_method not in WEIGHT_METHODS:
         raise QuantizeError(f"--weight-method {options.weight_method!r}: choose one of {WEIGHT_METHODS}")
+    if options.weight_clip not in CLIP_METHODS:
+        raise QuantizeError(f"--weight-clip {options.weight_clip!r}: choose one of {CLIP_METHODS} (mse default)")
+    if options.weight_zero_point and options.int4_format == "qdq":
+        raise QuantizeError("int4 zero points (--weight-zero-point) do not work on TensorRT: its DequantizeLinear "
+                            "accepts only zero-valued zero points. Use --no-weight-zero-point (symmetric blocks) "
+                            "for TensorRT backends")
     if options.kv_cache not in KV_CACHE_CHOICES:
-        raise QuantizeError(f"--kv-cache {options.kv_cache!r} is not supported yet: only 'model' (the graph dtype); "
-                            f"the calibrated K/V ranges are in the report")
+        raise QuantizeError(f"--kv-cache-dtype {options.kv_cache!r}: choose one of {KV_CACHE_CHOICES} ('model' keeps "
+                            f"the graph's float type)")
+    if options.kv_cache == "int8" and options.backend != "onnxruntime":
+        raise QuantizeError("TensorRT's KV-cache update takes only float / half / bfloat16 caches: drop "
+                            "--kv-cache-dtype int8 for TensorRT backends (it is for --backend onnxruntime)")
     if options.int4_format not in INT4_FORMATS:
         raise QuantizeError(f"int4 format {options.int4_format!r}: choose one of {INT4_FORMATS}")
     if options.calib_seq_len < calibrate.MIN_TOKENS:
@@ -149,6 +176,19 @@ def quant_int4_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray
 def dequant_int4_blocks(q: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
     block = q.shape[0] // scale.shape[0]
     return (q.reshape(scale.shape[0], block, -1) * scale[:, None, :]).reshape(q.shape)[:k]
+
+
+def int4_output_error(x: np.ndarray, w: np.ndarray, blocks: Int4Blocks, max_cols: int = 4096) -> float:
+    """Relative squared error of x @ W_int4 against x @ W on the sampled rows (wide layers: a column subset)."""
+    if x.size == 0:
+        return float("nan")
+    cols = np.arange(w.shape[1])
+    if w.shape[1] > max_cols:
+        cols = np.sort(np.random.default_rng(0).choice(w.shape[1], max_cols, replace=False))
+    sub = Int4Blocks(blocks.q[:, cols], blocks.scale[:, cols], None if blocks.zero is None else blocks.zero[:, cols],
+                     blocks.k)
+    ref = x @ w[:, cols]
+    return float(((x @ sub.dequant() - ref) ** 2).sum() / max(float((ref**2).sum()), 1e-30))
 
 
 def smooth_scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -192,6 +232,7 @@ class Weights:
 
     def __init__(self, graph: ir.Graph, cfg: Any) -> None:
         self.graph, self.cfg, self.arrays = graph, cfg, {}  # type: ignore[var-annotated]
+        self.v_scales: dict[int, np.ndarray] = {}  # layer -> what V's channels were divided by (o_proj folds)
         # Each MatMul's RMSNorm scale, found through the graph: in fp16 / bf16 graphs the exporter folds the
         # norm weight's cast to fp32 into an anonymous initializer, so its canonical name is gone.
         self.norms: dict[str, str] = {}
@@ -244,6 +285,8 @@ class Weights:
             v0 = cfg.q_size + cfg.kv_size
             v = self[p + "qkv.weight"][:, v0:]
             np.divide(v, sv[None, :], out=v)
+            layer = int(parts[1])
+            self.v_scales[layer] = self.v_scales.get(layer, np.ones_like(sv)) * sv
             if self.has(p + "qkv.bias"):
                 bias = self[p + "qkv.bias"][v0:]
                 np.divide(bias, sv, out=bias)
@@ -299,23 +342,34 @@ class Rewriter:
         self.graph.insert_before(node, nodes)
         node.replace_input_with(1, wdq.outputs[0])
 
-    def int4(self, name: str, q: np.ndarray, scale: np.ndarray, k: int, fmt: str) -> None:
-        """Blocked int4: ``MatMulNBits`` (ORT) or ``MatMul(x, DQ(W_int4, block_size))`` (TensorRT)."""
+    def int4(self, name: str, blocks: Int4Blocks, fmt: str) -> None:
+        """Blocked int4: ``MatMulNBits`` (ORT) or ``MatMul(x, DQ(W_int4, block_size))`` (TensorRT, symmetric)."""
         node = self.users[name]
         self._drop_weight(node)
+        q, scale, k = blocks.q, blocks.scale, blocks.k
         n_blocks, n = scale.shape
-        block = q.shape[0] // n_blocks
+        block = blocks.block
         if fmt == "qdq":
+            if blocks.zero is not None:
+                raise QuantizeError("the blocked DequantizeLinear form (TensorRT) takes symmetric int4 only")
             qv = self.const(name + "_quantized", q[:k].astype(ml_dtypes.int4))
             dq = ir.node("DequantizeLinear", [qv, self.fconst(name + "_scale", scale)],
                          {"axis": 0, "block_size": block}, name=name + "/DequantizeLinear")
             self.graph.insert_before(node, [dq])
             node.replace_input_with(1, dq.outputs[0])
             return
-        u = (q.T.astype(np.int16) + 8).astype(np.uint8).reshape(n, n_blocks, block)  # [N, blocks, block], zp 8
-        packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
-        mm = ir.node("MatMulNBits", [node.inputs[0], self.const(name + "_nbits", packed),
-                                     self.fconst(name + "_scale", scale.T)],
+        if blocks.zero is None:  # signed levels; MatMulNBits' default zero point is 8
+            u = (q.T.astype(np.int16) + 8).astype(np.uint8).reshape(n, n_blocks, block)
+        else:
+            u = q.T.reshape(n, n_blocks, block)
+        packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)  # [N, blocks, block / 2], low nibble first
+        inputs = [node.inputs[0], self.const(name + "_nbits", packed), self.fconst(name + "_scale", scale.T)]
+        if blocks.zero is not None:
+            z = blocks.zero.T  # [N, blocks]
+            if n_blocks % 2:
+                z = np.pad(z, ((0, 0), (0, 1)), constant_values=8)
+            inputs.append(self.const(name + "_zero_points", (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)))
+        mm = ir.node("MatMulNBits", inputs,
                      {"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": 4},
                      domain="com.microsoft", outputs=[ir.Value(name=node.outputs[0].name + "_nbits")],
                      name=name + "/MatMulNBits")
@@ -336,6 +390,7 @@ def quantize_graph(model: ir.Model, cfg: Any, precision: str, options: QuantOpti
     rw = Rewriter(model)
     layers: dict[str, Any] = {}
     names = [n for n in targets(cfg, options) if n in rw.users]
+    rows: dict[str, np.ndarray] = {}  # int4: each MatMul's sampled input rows, as the folded graph feeds them
     for name in names:
         st = stats.modules[name]
         amax = st.absmax.numpy().astype(np.float32)
@@ -346,19 +401,25 @@ def quantize_graph(model: ir.Model, cfg: Any, precision: str, options: QuantOpti
             w.fold(name, s)
             amax = amax / s
             info["smooth_max_ratio"] = round(float(s.max() / s.min()), 2)
+        if precision == "int4":
+            rows[name] = st.sample_rows().numpy()
         if precision == "int4" and options.weight_method == "awq":
-            x = st.sample_rows().numpy()
             absmean = st.absmean.numpy().astype(np.float32)
-            s, err, rtn = awq_search(x, w[name], absmean, options.weight_block, partial(tie, reduce=np.mean))
+            s, err, rtn = awq_search(rows[name], w[name], absmean, options.weight_block, partial(tie, reduce=np.mean))
             w.fold(name, s)
+            rows[name] = rows[name] / s
             info.update(awq_rel_err=float(f"{err:.3g}"), rtn_rel_err=float(f"{rtn:.3g}"))
         if precision in ("int8", "fp8"):
             info["act_absmax"] = round(float(amax.max()), 4)
         layers[name] = info
     for name in names:  # after all folding: a later module's fold may edit an earlier weight's columns
         if precision == "int4":
-            q, sc = quant_int4_blocks(w[name], options.weight_block)
-            rw.int4(name, q, sc, w[name].shape[0], options.int4_format)
+            x = rows.pop(name)
+            zp = int4_zero_point(options)
+            blocks = quant_int4.quantize(w[name], options.weight_block, options.weight_clip, zp,
+                                         quant_int4.importance_from_rows(x) if options.weight_clip == "mse" else None)
+            layers[name]["int4_rel_err"] = float(f"{int4_output_error(x, w[name], blocks):.3g}")
+            rw.int4(name, blocks, options.int4_format)
         elif precision == "int8":
             q8, sc = quant_int8_channel(w[name], 63 if options.int8_reduce_range else 127)
             rw.qdq(name, q8, sc, layers[name]["act_absmax"] / 127.0, np.array(0, np.int8))
@@ -368,7 +429,21 @@ def quantize_graph(model: ir.Model, cfg: Any, precision: str, options: QuantOpti
         w.arrays.pop(name)
     for name, array in w.arrays.items():  # norms and the qkv bias that absorbed scales
         rw.replace(name, array)
+    if options.kv_cache != "model":
+        layers["kv_cache"] = quant_kv.quantize_cache(model, kv_ranges(stats, w.v_scales))
     return layers
+
+
+def kv_ranges(stats: Stats, v_scales: dict[int, np.ndarray]) -> dict[str, float]:
+    """Abs-max of what the graph writes into each cache tensor: V's channels divided by their fold scales."""
+    out = dict(stats.kv_absmax)
+    for layer, sv in v_scales.items():
+        name = f"past_value_{layer}"
+        ch = stats.kv_channel_absmax.get(name)
+        if ch is None:
+            raise QuantizeError("the calibration statistics lack per-channel V ranges; recalibrate")
+        out[name] = float((ch.numpy() / sv).max())
+    return out
 
 
 def _tokenizer_dir(model_dir: Path, artifact: Path) -> Path | None:
@@ -398,7 +473,8 @@ def rewrite_file(artifact: Path, cfg: Any, precision: str, options: QuantOptions
         os.replace(stage / ONNX_DATA, artifact / ONNX_DATA)
     os.replace(stage / ONNX_FILE, src)
     shutil.rmtree(stage)
-    return {"layers": layers, "weight_bytes": total}
+    kv = layers.pop("kv_cache", None)
+    return {"layers": layers, "weight_bytes": total, **({"kv_cache": kv} if kv else {})}
 
 
 def quantize_into(model_dir: Path, artifact: Path, precision: str, options: QuantOptions) -> dict[str, Any]:
@@ -409,9 +485,12 @@ def quantize_into(model_dir: Path, artifact: Path, precision: str, options: Quan
     t0 = time.perf_counter()
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
-    records = calibrate.load_records(options.calibration)
-    seqs, note = calibrate.tokenize(records, _tokenizer_dir(Path(model_dir), Path(artifact)), cfg.vocab_size,
-                                    options.calib_samples, options.calib_seq_len)
+    try:
+        records = calibrate.load_records(options.calibration)
+        seqs, note = calibrate.tokenize(records, _tokenizer_dir(Path(model_dir), Path(artifact)), cfg.vocab_size,
+                                        options.calib_samples, options.calib_seq_len)
+    except CalibrationError as e:  # e.g. every sample shorter than MIN_TOKENS once tokenized
+        raise QuantizeError(f"calibration set {options.calibration}: {e}") from None
     if "random token ids" in note:
         console.print(f"[yellow]note:[/] {note}")
     model = load_model(ckpt, torch.float32)
@@ -440,6 +519,13 @@ def quantize_into(model_dir: Path, artifact: Path, precision: str, options: Quan
 
 
 def describe(precision: str, options: QuantOptions) -> str:
+    kv = ("KV cache in the graph's float type" if options.kv_cache == "model" else
+          f"KV cache {options.kv_cache} (static per-tensor scales)")
+    return _describe_weights(precision, options).replace("KV cache fp32", kv) + (
+        f"; {kv}" if precision == "int4" else "")
+
+
+def _describe_weights(precision: str, options: QuantOptions) -> str:
     head = " and lm_head" if options.quantize_lm_head else " (lm_head fp32)"
     if precision == "int8":
         sm = f"SmoothQuant alpha {options.smoothquant_alpha}" if options.smoothquant_alpha else "no smoothing"
@@ -450,8 +536,10 @@ def describe(precision: str, options: QuantOptions) -> str:
         return (f"FP8 E4M3 on qkv/o_proj/gate_up/down{head}: per-channel weight scales, static per-tensor "
                 f"activation scales; embedding, norms, attention and KV cache fp32")
     fmt = "MatMulNBits (accuracy_level 4)" if options.int4_format == "nbits" else "blocked DequantizeLinear"
-    return (f"INT4 weight-only on qkv/o_proj/gate_up/down{head}: symmetric blocks of {options.weight_block}, "
-            f"{options.weight_method.upper()}, as {fmt}; activations fp32")
+    kind = "asymmetric (4-bit zero points)" if int4_zero_point(options) else "symmetric"
+    clip = ", MSE clip search per block" if options.weight_clip == "mse" else ", abs-max scales"
+    return (f"INT4 weight-only on qkv/o_proj/gate_up/down{head}: {kind} blocks of {options.weight_block}, "
+            f"{options.weight_method.upper()}{clip}, as {fmt}; activations fp32")
 
 
 def markdown(report: dict[str, Any]) -> str:

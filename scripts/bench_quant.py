@@ -2,7 +2,13 @@
 """Artifact size and ONNX Runtime CPU decode speed per precision, side by side with fp32, in one run.
 
     PYTHONPATH=.:runtime python scripts/bench_quant.py /work/models/glm-4-9b-2layer \
-        --fp32 /work/models/2layer-onnx --work /tmp/bench-quant --calib-samples 16
+        --fp32 /work/models/2layer-onnx --work /tmp/bench-quant --calib-samples 16 \
+        --precisions fp32,int8,int4,int4/b128/rtn/none/sym
+
+A precision is ``fp32``, ``int8``, ``fp8``, ``int4`` (the defaults), or ``int4/...`` with any of: ``b32`` /
+``b64`` / ``b128`` (block), ``awq`` / ``rtn``, ``mse`` / ``none`` (clip search), ``zp`` / ``sym`` (zero
+points), ``head-fp`` (lm_head left unquantized), ``kv8`` (int8 KV cache; also ``int8/kv8``); each variant
+gets its own directory.
 
 The fp32 graph (``--fp32``, or exported into ``--work``) is quantized into ``--work/<precision>`` unless that
 artifact already exists; the fp32 files are copied first and never modified. Decoding uses IO binding with the
@@ -19,6 +25,7 @@ import json
 import shutil
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +35,28 @@ import torch
 
 from glm_export.checkpoint import Checkpoint
 from glm_export.quantize import QuantOptions, quantize_into
+
+
+def parse_variant(spec: str, base: QuantOptions) -> tuple[str, QuantOptions]:
+    """``int4/b32/awq/mse/zp`` -> ("int4", options); see the module docstring."""
+    precision, *tokens = spec.split("/")
+    opts = base
+    for t in tokens:
+        if t.startswith("b") and t[1:].isdigit():
+            opts = replace(opts, weight_block=int(t[1:]))
+        elif t in ("awq", "rtn"):
+            opts = replace(opts, weight_method=t)
+        elif t in ("mse", "none"):
+            opts = replace(opts, weight_clip=t)
+        elif t in ("zp", "sym"):
+            opts = replace(opts, weight_zero_point=t == "zp")
+        elif t == "kv8":
+            opts = replace(opts, kv_cache="int8")
+        elif t == "head-fp":
+            opts = replace(opts, quantize_lm_head=False)
+        else:
+            raise SystemExit(f"unknown variant token {t!r} in {spec!r}")
+    return precision, opts
 
 
 def read_bandwidth(threads: int, runs: int = 7) -> dict[str, float]:
@@ -80,7 +109,8 @@ def decode_speed(artifact: Path, cfg, threads: int, prompt: int, tokens: int, ru
     sess = ort.InferenceSession(str(artifact / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     cache_len = prompt + tokens
     shape = (1, cfg.num_kv_heads, cache_len, cfg.head_dim)
-    caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in range(2 * cfg.num_layers)]
+    dtype = np.int8 if sess.get_inputs()[3].type == "tensor(int8)" else np.float32  # --kv-cache-dtype int8
+    caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype)) for _ in range(2 * cfg.num_layers)]
     names = [f"{kv}_{i}" for i in range(cfg.num_layers) for kv in ("key", "value")]
     rng = np.random.default_rng(0)
     prefill_ms, tok_s = [], []
@@ -135,38 +165,55 @@ def main() -> None:
             export_onnx(args.model, fp32)
     bws = read_bandwidth(args.threads)
     bw = max(bws.values())
-    rows = []
-    for precision in args.precisions.split(","):
-        art = fp32 if precision == "fp32" else args.work / precision
+    arts = []
+    base = QuantOptions(calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                        accuracy_samples=args.accuracy_samples)
+    for spec in args.precisions.split(","):
+        precision, opts = parse_variant(spec, base)
+        art = fp32 if precision == "fp32" else args.work / spec.replace("/", "_")
         if precision != "fp32" and not (art / "model.onnx").is_file():
             shutil.rmtree(art, ignore_errors=True)
             art.mkdir(parents=True)
             for f in fp32.iterdir():  # copies: onnx_ir refuses hard-linked external data
                 if f.is_file():
                     shutil.copyfile(f, art / f.name)
-            opts = QuantOptions(calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-                                accuracy_samples=args.accuracy_samples)
             t0 = time.perf_counter()
             report = quantize_into(args.model, art, precision, opts)
             (art / "quantization.md").write_text(report["markdown"])
             (art / "quantization.json").write_text(json.dumps(report, indent=1))
             print(f"{precision}: quantized in {time.perf_counter() - t0:.0f} s")
+        arts.append((spec, art))
+    # Interleaved rounds (one run of every precision per round, a fresh session each time): on a shared machine
+    # the load changes within minutes, and consecutive per-precision medians would compare different loads.
+    runs: dict[str, list[dict[str, float]]] = {spec: [] for spec, _ in arts}
+    for r in range(args.runs):
+        for spec, art in arts:
+            runs[spec].append(decode_speed(art, cfg, args.threads, args.prompt, args.tokens, 1))
+            print(f"round {r + 1}: {spec}: {runs[spec][-1]}", flush=True)
+    rows = []
+    for spec, art in arts:
         files = sum(f.stat().st_size for f in art.glob("model.onnx*"))
         _, per_token = weight_bytes(art)
-        kv = 2 * cfg.num_layers * cfg.num_kv_heads * (args.prompt + args.tokens) * cfg.head_dim * 4
-        speed = decode_speed(art, cfg, args.threads, args.prompt, args.tokens, args.runs)
+        kv_bytes = 1 if "kv8" in spec else 4
+        kv = 2 * cfg.num_layers * cfg.num_kv_heads * (args.prompt + args.tokens) * cfg.head_dim * kv_bytes
+        speed = {k: statistics.median(x[k] for x in runs[spec]) for k in ("prefill_ms", "decode_tok_s")}
         bound = bw / (per_token + kv)
-        rows.append((precision, files, per_token, speed, bound))
-        print(f"{precision}: {speed}", flush=True)
+        acc = {}
+        if (art / "quantization.json").is_file():
+            acc = json.loads((art / "quantization.json").read_text()).get("accuracy", {})
+        rows.append((spec, files, per_token, speed, bound, acc))
     print(f"\nread bandwidth ({args.threads} threads): torch reduction {bws['torch_sum'] / 1e9:.1f} GB/s, ONNX "
           f"Runtime fp32 GEMV {bws['ort_gemv'] / 1e9:.1f} GB/s; the bound uses the larger.\n"
           f"ONNX Runtime {ort.__version__}, {args.threads} threads, prompt {args.prompt}, {args.tokens} decode "
-          f"tokens, median of {args.runs}\n")
-    print("| precision | model files | bytes read per token | prefill ms | decode tok/s | bound tok/s | of bound |")
-    print("|---|---|---|---|---|---|---|")
-    for precision, files, per_token, speed, bound in rows:
-        print(f"| {precision} | {files / 2**30:.2f} GiB | {per_token / 2**30:.2f} GiB | {speed['prefill_ms']:.0f} | "
-              f"{speed['decode_tok_s']:.1f} | {bound:.1f} | {speed['decode_tok_s'] / bound:.0%} |")
+          f"tokens, median of {args.runs} interleaved rounds\n")
+    print("| precision | model files | bytes read per token | prefill ms | decode tok/s | bound tok/s | of bound "
+          "| mean KL | top-1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for spec, files, per_token, speed, bound, acc in rows:
+        kl = f"{acc['mean_kl']:.4g}" if "mean_kl" in acc else ""
+        top1 = f"{acc['top1_agreement']:.3f}" if "top1_agreement" in acc else ""
+        print(f"| {spec} | {files / 2**30:.2f} GiB | {per_token / 2**30:.2f} GiB | {speed['prefill_ms']:.0f} | "
+              f"{speed['decode_tok_s']:.1f} | {bound:.1f} | {speed['decode_tok_s'] / bound:.0%} | {kl} | {top1} |")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_text_files_and_user_jsonl(tmp_path: Path) -> None:
     ("int4", {"weight_method": "gptq"}, "--weight-method 'gptq'"),
     ("int8", {"smoothquant_alpha": 1.5}, "--smoothquant-alpha"),
     ("int8", {"calib_samples": 2}, "--calib-samples 2 is too few"),
-    ("int8", {"kv_cache": "fp8"}, "not supported yet"),
+    ("int8", {"kv_cache": "fp8"}, "kv-cache-dtype .fp8."),
 ])
 def test_bad_options(precision: str, opts: dict, message: str) -> None:
     with pytest.raises(QuantizeError, match=message):
@@ -116,3 +116,22 @@ def test_hook_statistics_match_a_manual_forward(tiny_checkpoint: Path) -> None:
                                   for m in ("qkv", "o_proj", "gate_up", "down")} | {"lm_head.weight"}
     assert stats.modules["lm_head.weight"].count == sum(min(len(s), 110) for s in seqs)  # 2**24 // 151552 rows
     assert stats.tokens == sum(len(s) for s in seqs) and all(v > 0 for v in stats.kv_absmax.values())
+    cfg = model.cfg  # per-channel K/V ranges (a quantized cache needs V's after the folds): their max is the scalar
+    for name, ch in stats.kv_channel_absmax.items():
+        assert ch.shape == (cfg.num_kv_heads * cfg.head_dim,) and float(ch.max()) == stats.kv_absmax[name]
+
+
+def test_samples_too_short_once_tokenized_fail_as_a_quantize_error(tiny_checkpoint: Path, tiny_artifact: Path,
+                                                                   tmp_path: Path) -> None:
+    """The up-front check counts records; only tokenizing shows they are all shorter than MIN_TOKENS. That must
+    still be a QuantizeError (build prints it as one line), not a traceback, and it must name the fix."""
+    import shutil
+
+    from glm_export.quantize import quantize_into
+
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join('{"text": "hi"}\n' for _ in range(10)))
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    with pytest.raises(QuantizeError, match="longer samples"):
+        quantize_into(tiny_checkpoint, art, "int8", QuantOptions(calibration=str(short), calib_samples=8))
