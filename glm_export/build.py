@@ -8,6 +8,7 @@ none) and keeps its finished steps, which the next run with the same inputs reus
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -20,7 +21,7 @@ from glm_export import atomic
 from glm_export.builtin import resolve_model
 from glm_export.checkpoint import Checkpoint, load_model
 from glm_export.engine import EngineSpec, build_engine, check_engine, choose_backend
-from glm_export.export import ONNX_FILE, export_into, graph_io, write_manifest
+from glm_export.export import ONNX_DATA, ONNX_FILE, export_into, graph_io, write_manifest
 from glm_export.progress import console
 from glm_export.quantize import (
     QUANTIZED_PRECISIONS,
@@ -30,7 +31,7 @@ from glm_export.quantize import (
     options_for_backend,
     quantize_into,
 )
-from glm_export.resume import BuildJournal, fingerprint_dir, fingerprint_file, step_key
+from glm_export.resume import STAGES, BuildJournal, fingerprint_dir, fingerprint_file, step_key
 from glm_export.validate import OrtGraph, compare, compare_engine
 from glm_runtime.engine import available_memory_bytes
 
@@ -95,22 +96,33 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
                               "(--no-resume starts over)")
             total = len(steps)
 
-            def step(name: str, fn: Callable[[], Any], snapshot: bool = False) -> Any:
+            def step(name: str, fn: Callable[[], Any]) -> Any:
                 nonlocal current
                 current = name
                 i = [n for n, _ in steps].index(name) + 1
                 if name not in reused:
                     console.rule(f"step {i}/{total}: {name}", style="dim")
-                return journal.run(name, dict(steps)[name], fn, snapshot=snapshot)
+                return journal.run(name, dict(steps)[name], fn)
 
-            manifest = step("export", lambda: export_into(model_dir, tmp, export_dtype),
-                            snapshot=precision in QUANTIZED_PRECISIONS)
+            quantized = precision in QUANTIZED_PRECISIONS
+            exported = tmp / STAGES / "export" if quantized else tmp  # kept whole for re-quantizing on resume
+
+            def export() -> dict[str, Any]:
+                result = export_into(model_dir, tmp, export_dtype)
+                if quantized:
+                    exported.mkdir(parents=True, exist_ok=True)
+                    for name in (ONNX_FILE, ONNX_DATA):
+                        if (tmp / name).exists():
+                            os.replace(tmp / name, exported / name)
+                return result
+
+            manifest = step("export", export)
             manifest["backend"] = backend
             report: dict[str, Any] = {"precision": precision, "validation": None}
-            if precision in QUANTIZED_PRECISIONS:
+            if quantized:
                 def quantize() -> dict[str, Any]:
                     try:
-                        section = quantize_into(model_dir, tmp, precision, quant)
+                        section = quantize_into(model_dir, tmp, precision, quant, source=exported)
                     except QuantizeError as e:
                         raise BuildError(str(e)) from None
                     return {"report": section, "graph": graph_io(tmp / ONNX_FILE)}

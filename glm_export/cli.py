@@ -33,6 +33,8 @@ MAX_BATCH_HELP = "Largest batch the TensorRT engine accepts."
 MAX_CONTEXT_HELP = "KV-cache length the TensorRT engine is built for (prompt + new tokens)."
 MAX_PREFILL_HELP = "Longest prefill chunk of the TensorRT engine's prefill profile."
 CALIBRATION_HELP = "Calibration data: 'default' (shipped set), a .jsonl of chat messages / {'text': ...}, or a .txt."
+KV_CACHE_HELP = ("KV cache storage of a quantized artifact: model (the graph's float type) or int8 (static "
+                 "calibrated scales, half of fp16's memory per token; ONNX Runtime only).")
 RESUME_HELP = ("Reuse the steps a failed or interrupted build of the same OUT finished with the same inputs "
                "(kept in .OUT.build); --no-resume starts over.")
 TARGET_HELP = "Compute capability to build for (TensorRT-RTX ahead-of-time), repeatable: 8.6, 8.9, 12.0 ..."
@@ -72,8 +74,13 @@ class WeightClip(str, Enum):
 
 
 WEIGHT_CLIP_HELP = ("int4 block scales: mse (per-block clip search, least-squares scale) or none (abs-max / 7).")
-WEIGHT_ZERO_POINT_HELP = ("int4 zero points (asymmetric blocks). Default: on for ONNX Runtime (MatMulNBits), off for "
-                          "TensorRT (its DequantizeLinear takes none).")
+WEIGHT_ZERO_POINT_HELP = ("int4 zero points (asymmetric blocks): lower error, ~10% slower decoding in ONNX Runtime; "
+                          "not available for TensorRT (its DequantizeLinear takes none). Default: off.")
+
+
+class KVCacheDType(str, Enum):
+    model = "model"
+    int8 = "int8"
 
 
 class Precision(str, Enum):
@@ -171,6 +178,7 @@ def build(
     = WeightMethod.awq,
     weight_clip: Annotated[WeightClip, typer.Option(help=WEIGHT_CLIP_HELP)] = WeightClip.mse,
     weight_zero_point: Annotated[bool | None, typer.Option(help=WEIGHT_ZERO_POINT_HELP, show_default=False)] = None,
+    kv_cache_dtype: Annotated[KVCacheDType, typer.Option(help=KV_CACHE_HELP)] = KVCacheDType.model,
     accuracy_samples: Annotated[int, typer.Option(help="Held-out sequences for the accuracy report (0: skip).")]
     = 8,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
@@ -184,7 +192,8 @@ def build(
     quant = QuantOptions(calibration=calibration, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                          smoothquant_alpha=smoothquant_alpha, weight_block=weight_block,
                          weight_method=weight_method.value, weight_clip=weight_clip.value,
-                         weight_zero_point=weight_zero_point, accuracy_samples=accuracy_samples)
+                         weight_zero_point=weight_zero_point, kv_cache=kv_cache_dtype.value,
+                         accuracy_samples=accuracy_samples)
     build_artifact(model, out, precision.value, overwrite=overwrite, validate=validate,
                    backend=backend.value if backend else None, engine=spec, quant=quant, resume=resume)
 

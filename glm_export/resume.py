@@ -11,10 +11,10 @@ instead of re-exporting a 9 B model. Each step is recorded with
   file is noticed and the step redone rather than trusted;
 - its *result* (the manifest or report section it produced), so a reused step still fills in the report.
 
-Steps rewrite the graph in place (quantization replaces ``model.onnx``), so the export is also kept as hard
-links in ``.stages/export``: when only the quantization options change, the graph is restored from there
-instead of being exported again. Hard links cost no disk space beyond keeping the exported weights alive until
-the build finishes (the quantizer holds both at its peak anyway).
+A quantized build's export step moves its graph into ``.stages/export`` and the quantizer reads it from there
+and writes the quantized graph beside the side files, so when only the quantization options change the export
+is still there to quantize again. (Not hard links: onnx_ir refuses external data with more than one link.)
+The exported weights stay on disk until the build finishes; the quantizer holds both at its peak anyway.
 
 Checkpoint files are fingerprinted by size and mtime, not content: hashing 19 GB would cost as much as the
 export it is meant to skip. A checkpoint edited in place without changing either would not be noticed;
@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +35,6 @@ from glm_export import atomic
 
 JOURNAL = ".journal.json"
 STAGES = ".stages"
-_PRIVATE = (JOURNAL, STAGES)
 
 
 def fingerprint_dir(path: Path) -> list[tuple[str, int, int]]:
@@ -65,11 +63,11 @@ def step_key(*parts: Any) -> str:
 
 
 def inventory(root: Path) -> dict[str, int]:
-    """Relative path -> size of every file a step left in the staging directory (journal and stages aside)."""
+    """Relative path -> size of every file a step left in the staging directory (the journal aside)."""
     out = {}
     for f in sorted(root.rglob("*")):
         rel = f.relative_to(root)
-        if rel.parts[0] in _PRIVATE or not f.is_file():
+        if rel.parts[0] == JOURNAL or not f.is_file():
             continue
         out[rel.as_posix()] = f.stat().st_size
     return out
@@ -94,8 +92,8 @@ class BuildJournal:
         n = 0
         while n < min(len(keys), len(self.steps)) and (self.steps[n].get("name"), self.steps[n].get("key")) == keys[n]:
             n += 1
-        if n and not self._matches(self.steps[n - 1]["inventory"]):
-            n = 1 if self._restore_export(keys) else 0
+        while n and not self._matches(self.steps[n - 1]["inventory"]):
+            n -= 1  # e.g. quantization was interrupted half-way: the export's stage may still be whole
         self.steps = self.steps[:n]
         if n:
             self._prune(self.steps[-1]["inventory"])
@@ -105,7 +103,7 @@ class BuildJournal:
         self.reused = [s["name"] for s in self.steps]
         return self.reused
 
-    def run(self, name: str, key: str, fn: Callable[[], Any], snapshot: bool = False) -> Any:
+    def run(self, name: str, key: str, fn: Callable[[], Any]) -> Any:
         """The step's stored result if :meth:`plan` kept it, else ``fn()``, recorded once it returned."""
         for s in self.steps:
             if s["name"] == name:
@@ -113,8 +111,6 @@ class BuildJournal:
                     raise RuntimeError(f"journal step {name} planned with another key")  # programming error
                 return copy.deepcopy(s["result"])
         result = fn()
-        if snapshot:
-            self._snapshot(name)
         self.steps.append({"name": name, "key": key, "inventory": inventory(self.root),
                            "result": copy.deepcopy(result)})
         self._save()
@@ -150,26 +146,3 @@ class BuildJournal:
                 shutil.rmtree(f)
             else:
                 f.unlink()
-
-    def _snapshot(self, name: str) -> None:
-        """Hard-link the step's files into ``.stages/NAME`` so a later in-place rewrite can be undone."""
-        dst = self.root / STAGES / name
-        shutil.rmtree(dst, ignore_errors=True)
-        for rel in inventory(self.root):
-            target = dst / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.link(self.root / rel, target)
-
-    def _restore_export(self, keys: list[tuple[str, str]]) -> bool:
-        """Put the exported graph back from its snapshot when the export step itself is still valid."""
-        if not self.steps or self.steps[0]["name"] != "export" or keys[0] != ("export", self.steps[0]["key"]):
-            return False
-        inv, snap = self.steps[0]["inventory"], self.root / STAGES / "export"
-        if not all((snap / rel).is_file() and (snap / rel).stat().st_size == size for rel, size in inv.items()):
-            return False
-        for rel in inventory(self.root):
-            (self.root / rel).unlink()
-        for rel in inv:
-            (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.link(snap / rel, self.root / rel)
-        return True

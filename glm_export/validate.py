@@ -31,8 +31,8 @@ class OrtGraph:
         path = str(Path(artifact) / "model.onnx")
         self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
-        self.cache_dtype = np.dtype({"tensor(float)": "float32", "tensor(float16)": "float16"}.get(
-            self.session.get_inputs()[3].type, "float32"))
+        types = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
+        self.cache_dtype = np.dtype(types.get(self.session.get_inputs()[3].type, "float32"))
 
     def step(self, ids: np.ndarray, pos: np.ndarray, logits_index: np.ndarray,
              cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:

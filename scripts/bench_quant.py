@@ -34,7 +34,9 @@ import onnxruntime as ort
 import torch
 
 from glm_export.checkpoint import Checkpoint
+from glm_export.export import graph_io, write_manifest
 from glm_export.quantize import QuantOptions, quantize_into
+from glm_runtime.manifest import read_manifest
 
 
 def parse_variant(spec: str, base: QuantOptions) -> tuple[str, QuantOptions]:
@@ -181,6 +183,9 @@ def main() -> None:
             report = quantize_into(args.model, art, precision, opts)
             (art / "quantization.md").write_text(report["markdown"])
             (art / "quantization.json").write_text(json.dumps(report, indent=1))
+            manifest = read_manifest(art, verify="none")  # the fp32 one, copied: describe this graph instead
+            manifest["precision"], manifest["graph"] = precision, graph_io(art / "model.onnx")
+            write_manifest(art, manifest)  # so glm-runtime / glm-export bench can load the artifact
             print(f"{precision}: quantized in {time.perf_counter() - t0:.0f} s")
         arts.append((spec, art))
     # Interleaved rounds (one run of every precision per round, a fresh session each time): on a shared machine

@@ -87,8 +87,8 @@ def test_changed_quantization_options_reuse_the_export_only(tmp_path: Path, tiny
         m.setattr(build_mod, "validate_artifact", fail)
         with pytest.raises(Boom):
             build_mod.build_artifact(tiny_checkpoint, out, "int8", quant=quant(0.5), backend="onnxruntime")
-    # The quantized graph was rewritten in place; a new alpha must start again from the exported graph (restored
-    # from its hard-linked snapshot), not quantize the quantized graph.
+    # A new alpha must start again from the exported graph (kept in the export's stage), not quantize the
+    # quantized graph.
     exports, quantizes = calls(monkeypatch, "export_into"), calls(monkeypatch, "quantize_into")
     build_mod.build_artifact(tiny_checkpoint, out, "int8", quant=quant(0.8), backend="onnxruntime", validate=False)
     assert (len(exports), len(quantizes)) == (0, 1)

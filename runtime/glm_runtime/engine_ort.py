@@ -35,8 +35,10 @@ from glm_runtime.manifest import ArtifactError
 log = logging.getLogger(__name__)
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
-_ONNX_ELEMENT_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16}  # onnx.TensorProto values, for bind_input
+# int8: a cache quantized with static scales (glm-export build --kv-cache-dtype int8); the graph dequantizes it.
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+              "tensor(int8)": "int8"}
+_ONNX_ELEMENT_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16, "int8": 3}  # onnx.TensorProto, for bind_input
 
 
 def gpu_present() -> bool:
