@@ -41,6 +41,14 @@ def calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
     return seen
 
 
+def stop_at_validation(monkeypatch: pytest.MonkeyPatch, *args: Any, **kwargs: Any) -> None:
+    """Run a build that fails at its validation step (after export and quantization finished)."""
+    with monkeypatch.context() as m:
+        m.setattr(build_mod, "validate_artifact", fail)
+        with pytest.raises(Boom):
+            build_mod.build_artifact(*args, **kwargs)
+
+
 def staged(out: Path) -> Path:
     return out.parent / f".{out.name}.build"
 
@@ -55,10 +63,7 @@ def file_hashes(artifact: Path) -> dict[str, str]:
 def test_failed_step_leaves_no_artifact_and_the_rerun_resumes(tmp_path: Path, tiny_checkpoint: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "int8"
-    with monkeypatch.context() as m:
-        m.setattr(build_mod, "validate_artifact", fail)
-        with pytest.raises(Boom):
-            build_mod.build_artifact(tiny_checkpoint, out, "int8", quant=quant(0.5), backend="onnxruntime")
+    stop_at_validation(monkeypatch, tiny_checkpoint, out, "int8", quant=quant(0.5), backend="onnxruntime")
     assert not out.exists()
     assert not (staged(out) / "manifest.json").exists()  # the staging directory never looks like an artifact
     journal = json.loads((staged(out) / ".journal.json").read_text())
@@ -83,10 +88,7 @@ def test_failed_step_leaves_no_artifact_and_the_rerun_resumes(tmp_path: Path, ti
 def test_changed_quantization_options_reuse_the_export_only(tmp_path: Path, tiny_checkpoint: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "int8"
-    with monkeypatch.context() as m:
-        m.setattr(build_mod, "validate_artifact", fail)
-        with pytest.raises(Boom):
-            build_mod.build_artifact(tiny_checkpoint, out, "int8", quant=quant(0.5), backend="onnxruntime")
+    stop_at_validation(monkeypatch, tiny_checkpoint, out, "int8", quant=quant(0.5), backend="onnxruntime")
     # A new alpha must start again from the exported graph (kept in the export's stage), not quantize the
     # quantized graph.
     exports, quantizes = calls(monkeypatch, "export_into"), calls(monkeypatch, "quantize_into")
@@ -102,10 +104,7 @@ def test_changed_quantization_options_reuse_the_export_only(tmp_path: Path, tiny
 def test_a_damaged_staged_file_is_redone_not_trusted(tmp_path: Path, tiny_checkpoint: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "fp32"
-    with monkeypatch.context() as m:
-        m.setattr(build_mod, "validate_artifact", fail)
-        with pytest.raises(Boom):
-            build_mod.build_artifact(tiny_checkpoint, out, "fp32", backend="onnxruntime")
+    stop_at_validation(monkeypatch, tiny_checkpoint, out, "fp32", backend="onnxruntime")
     with open(staged(out) / "model.onnx", "ab") as f:  # e.g. a disk that filled up while copying
         f.write(b"\0")
     exports = calls(monkeypatch, "export_into")
@@ -117,10 +116,7 @@ def test_a_damaged_staged_file_is_redone_not_trusted(tmp_path: Path, tiny_checkp
 def test_no_resume_starts_over_and_a_changed_checkpoint_invalidates(tmp_path: Path, tiny_checkpoint: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "fp32"
-    with monkeypatch.context() as m:
-        m.setattr(build_mod, "validate_artifact", fail)
-        with pytest.raises(Boom):
-            build_mod.build_artifact(tiny_checkpoint, out, "fp32", backend="onnxruntime")
+    stop_at_validation(monkeypatch, tiny_checkpoint, out, "fp32", backend="onnxruntime")
     exports = calls(monkeypatch, "export_into")
     build_mod.build_artifact(tiny_checkpoint, out, "fp32", backend="onnxruntime", validate=False, resume=False)
     assert len(exports) == 1
@@ -131,10 +127,7 @@ def test_no_resume_starts_over_and_a_changed_checkpoint_invalidates(tmp_path: Pa
     for f in tiny_checkpoint.iterdir():
         (ckpt / f.name).write_bytes(f.read_bytes())
     out2 = tmp_path / "b"
-    with monkeypatch.context() as m:
-        m.setattr(build_mod, "validate_artifact", fail)
-        with pytest.raises(Boom):
-            build_mod.build_artifact(ckpt, out2, "fp32", backend="onnxruntime")
+    stop_at_validation(monkeypatch, ckpt, out2, "fp32", backend="onnxruntime")
     config = ckpt / "config.json"
     config.write_text(config.read_text() + " ")
     build_mod.build_artifact(ckpt, out2, "fp32", backend="onnxruntime", validate=False)

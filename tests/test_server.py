@@ -240,9 +240,11 @@ def test_full_server_429_and_disconnect_frees_the_row(served: tuple[str, Schedul
     assert sched.stats.finished.get("cancelled", 0) - cancelled == 5  # ended by the disconnects, not by length
     got = client(base).completions.create(model=MODEL, prompt=[1, 2], max_tokens=2)
     assert got.usage.completion_tokens <= 2
-    # A client waiting for a whole (not streamed) answer that gives up frees its row too.
+    # A client waiting for a whole (not streamed) answer that gives up frees its row too. 256 tokens take >= 0.25 s
+    # even on a fast machine (the tiny model's step is >= 1 ms); the client gives up after 0.1 s of silence.
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(base + "/v1/completions", json={**body, "stream": False}, headers=auth, timeout=0.5)
+        httpx.post(base + "/v1/completions", json={**body, "stream": False}, headers=auth,
+                   timeout=httpx.Timeout(10.0, read=0.1))
     t0 = time.monotonic()
     while sched.snapshot()["running"] and time.monotonic() < t0 + 5:
         time.sleep(0.01)
