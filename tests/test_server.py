@@ -33,6 +33,7 @@ from glm_runtime.manifest import model_config, read_manifest
 from glm_runtime.scheduler import Scheduler
 from glm_runtime.server import ServerSettings, create_app
 from glm_runtime.tool_calls import openai_to_glm_messages
+from tests.test_runtime_chat import ScriptedCache
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-0123456789"
@@ -273,18 +274,6 @@ def test_artifact_without_tokenizer_serves_token_ids(tiny_artifact: Path, tmp_pa
 
 
 # ---- tool calls, on a scripted "model" ----------------------------------------------------------------------
-class ScriptedPool:
-    def __init__(self, batch: int, cache_len: int) -> None:
-        self.batch, self.cache_len = batch, cache_len
-
-    @property
-    def nbytes(self) -> int:
-        return 0
-
-    def addresses(self) -> list[int]:
-        return []
-
-
 class ScriptedRowEngine:
     """After position ``p`` every row "says" ``script[p + 1 - prompt_len]`` (then the script's last token)."""
 
@@ -300,16 +289,16 @@ class ScriptedRowEngine:
     def describe(self) -> str:
         return "scripted"
 
-    def allocate(self, batch: int, cache_len: int) -> ScriptedPool:
-        return ScriptedPool(batch, cache_len)
+    def allocate(self, batch: int, cache_len: int) -> ScriptedCache:
+        return ScriptedCache(batch, cache_len)
 
-    def resize(self, cache: ScriptedPool, cache_len: int, keep: int) -> None:
+    def resize(self, cache: ScriptedCache, cache_len: int, keep: int) -> None:
         cache.cache_len = cache_len
 
-    def rows(self, cache: ScriptedPool, start: int, stop: int) -> ScriptedPool:
-        return ScriptedPool(stop - start, cache.cache_len)
+    def rows(self, cache: ScriptedCache, start: int, stop: int) -> ScriptedCache:
+        return ScriptedCache(stop - start, cache.cache_len)
 
-    def copy_rows(self, cache: ScriptedPool, src: int, dst: int, length: int) -> None:
+    def copy_rows(self, cache: ScriptedCache, src: int, dst: int, length: int) -> None:
         pass
 
     def step(self, cache, input_ids, position_ids, logits_index) -> np.ndarray:
