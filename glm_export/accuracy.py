@@ -23,7 +23,10 @@ from glm_export.progress import console
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
-    return torch.log_softmax(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), -1).numpy()
+    """In float64: KL and perplexity are differences of log-probabilities near -log(vocab) ~ -12, where float32
+    rounding alone (6e-8 x 12 per entry, summed over 151552 entries) would put a floor of ~1e-8 under every KL,
+    different on every CPU, and hide the ~1e-12 of an exact export."""
+    return torch.log_softmax(torch.from_numpy(np.asarray(x, dtype=np.float64)), -1).numpy()
 
 
 def heldout_sequences(tokenizer_dir: Path | None, vocab_size: int, samples: int, seq_len: int) -> tuple[list[list[int]],
@@ -84,14 +87,14 @@ def measure(model_dir: Path, artifact: Path, tokenizer_dir: Path | None, samples
     seqs, note = heldout_sequences(tokenizer_dir, cfg.vocab_size, samples, seq_len)
     console.print(f"accuracy: {len(seqs)} held-out sequences, PyTorch fp32 reference")
     model = load_model(ckpt, torch.float32)
-    ref_logp: list[np.ndarray] = []
+    ref_logits: list[np.ndarray] = []
     ref_greedy: list[list[int]] = []
     with torch.no_grad():
         for seq in seqs:
             n = len(seq)
             logits = model(torch.tensor([seq]), torch.arange(n).view(1, n), torch.arange(n).view(1, n),
                            *model.new_cache(1, n))[0][0].numpy()
-            ref_logp.append(_log_softmax(logits))
+            ref_logits.append(np.array(logits, np.float32))  # float32 kept; float64 only per sequence
         for seq in seqs[:4]:
             ref_greedy.append(_greedy_torch(model, seq[:prompt_len], greedy_steps))
     del model
@@ -101,7 +104,8 @@ def measure(model_dir: Path, artifact: Path, tokenizer_dir: Path | None, samples
     agree: list[float] = []
     nll_ref: list[float] = []
     nll_q: list[float] = []
-    for seq, lp in zip(seqs, ref_logp, strict=True):
+    for seq, ref in zip(seqs, ref_logits, strict=True):
+        lp = _log_softmax(ref)
         n = len(seq)
         cache = [np.zeros((1, cfg.num_kv_heads, n, cfg.head_dim), cache_dtype(graph))
                  for _ in range(2 * cfg.num_layers)]

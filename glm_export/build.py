@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from glm_export import atomic
+from glm_export import atomic, numerics
 from glm_export.builtin import resolve_model
 from glm_export.checkpoint import Checkpoint, load_model
 from glm_export.engine import EngineSpec, build_engine, check_engine, choose_backend
@@ -206,11 +206,15 @@ def validate_artifact(model_dir: Path, artifact: Path, precision: str) -> dict[s
     vocab = ckpt.config.vocab_size
     prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in VALIDATE_PROMPTS]
     result = compare(load_model(ckpt, torch.float32), OrtGraph(artifact), prompts, VALIDATE_DECODE)
-    status = "ok" if result.max_abs <= 1e-3 and result.greedy_match else "mismatch"
+    # The bound float32 rounding allows at this model's size and logit scale (numerics.py), not a fixed number:
+    # kernels differ by CPU, and a 40-layer model legitimately differs more than a 2-layer one.
+    bound = numerics.fp32_logit_bound(ckpt.config, result.context, result.reference_absmax)
+    status = "ok" if result.max_abs <= bound and result.greedy_match else "mismatch"
     if status != "ok":
-        raise BuildError(f"validation failed: max |logit diff| {result.max_abs:.3g}, greedy match "
-                         f"{result.greedy_match}; the artifact was not written")
-    return {"status": status, "prompts": list(VALIDATE_PROMPTS), "decode_steps": VALIDATE_DECODE, **result.to_dict()}
+        raise BuildError(f"validation failed: max |logit diff| {result.max_abs:.3g} (float32 rounding allows "
+                         f"{bound:.3g}), greedy match {result.greedy_match}; the artifact was not written")
+    return {"status": status, "prompts": list(VALIDATE_PROMPTS), "decode_steps": VALIDATE_DECODE,
+            "bound": bound, **result.to_dict()}
 
 
 def validate_engine(artifact: Path, entry: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:

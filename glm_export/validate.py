@@ -49,6 +49,8 @@ class Comparison:
     decode_max_abs: list[float] = field(default_factory=list)
     greedy_reference: list[list[int]] = field(default_factory=list)
     greedy_candidate: list[list[int]] = field(default_factory=list)
+    reference_absmax: float = 0.0  # largest |reference logit|: the scale float32 rounding errors are relative to
+    context: int = 0  # longest attention span compared (prompt + decode steps)
 
     @property
     def max_abs(self) -> float:
@@ -60,7 +62,8 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         return {"prefill_max_abs": self.prefill_max_abs, "decode_max_abs": self.decode_max_abs,
-                "max_abs": self.max_abs, "greedy_match": self.greedy_match,
+                "max_abs": self.max_abs, "reference_absmax": self.reference_absmax,
+                "greedy_match": self.greedy_match,
                 "greedy_tokens": len(self.greedy_reference[0]) if self.greedy_reference else 0}
 
 
@@ -87,12 +90,14 @@ def compare(model: GLM4, graph: OrtGraph, prompts: list[list[int]], decode_steps
     cache_len = cache_len or int(ids.shape[1] + decode_steps)
     torch_cache = model.new_cache(len(prompts), cache_len)
     onnx_cache = [np.zeros(t.shape, graph.cache_dtype) for t in torch_cache]
-    result = Comparison(greedy_reference=[[] for _ in prompts], greedy_candidate=[[] for _ in prompts])
+    result = Comparison(greedy_reference=[[] for _ in prompts], greedy_candidate=[[] for _ in prompts],
+                        context=int(ids.shape[1] + decode_steps))
     with torch.no_grad():
         for step in range(decode_steps + 1):
             ref = model(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(last), *torch_cache)[0].numpy()
             got, onnx_cache = graph.step(ids, pos, last, onnx_cache)
             diff = float(np.abs(ref.astype(np.float64) - got).max())
+            result.reference_absmax = max(result.reference_absmax, float(np.abs(ref).max()))
             if step == 0:
                 result.prefill_max_abs = diff
             else:
@@ -127,6 +132,8 @@ def compare_engine(engine: Any, graph: OrtGraph, prompts: list[list[int]], decod
             got = np.array(engine.step(cache, ids, pos, last), np.float64)
             ref, ref_cache = graph.step(ids, pos, last, ref_cache)
             diff = float(np.abs(ref[:, -1].astype(np.float64) - got).max())
+            result.reference_absmax = max(result.reference_absmax, float(np.abs(ref[:, -1]).max()))
+            result.context = max(result.context, len(prompt) + step + 1)
             if step == 0:
                 result.prefill_max_abs = max(result.prefill_max_abs, diff)
             elif len(result.decode_max_abs) < step:

@@ -50,7 +50,8 @@ def test_build_without_a_model_uses_the_builtin_tiny(tmp_path: Path, monkeypatch
     manifest = read_manifest(out)
     assert manifest["model"]["hidden_size"] == 64 and manifest["backend"] == "onnxruntime"
     report = json.loads((out / "report.json").read_text())
-    assert report["validation"]["status"] == "ok" and report["validation"]["max_abs"] < 1e-4
+    v = report["validation"]
+    assert v["status"] == "ok" and v["max_abs"] <= v["bound"] < 1e-2 * v["reference_absmax"]  # numerics.py's bound
     assert "greedy tokens identical" in (out / "report.md").read_text()
     assert (tmp_path / "cache" / "builtin-tiny-v1" / "tokenizer.model").is_file()
 

@@ -2,7 +2,8 @@
 
 transformers reads our hf-layout checkpoint with ``from_pretrained`` (so its config.json parsing and name
 mapping are checked too); our model reads the same weights. Prefill 16 tokens, then 16 single-token decode
-steps with the cache, fp32, max abs logit difference <= 1e-4.
+steps with the cache, fp32, max abs logit difference within the float32 rounding bound of numerics.py
+(about 2e-4 for these sizes; seen: ~1e-6).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from glm_export import numerics
 from glm_export.checkpoint import load_model
 from glm_export.random_model import PRESETS, write_random_model
 from tests.conftest import TEST_STD
@@ -24,7 +26,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:
 HEAD128 = dataclasses.replace(PRESETS["tiny"], hidden_size=512, num_heads=4, num_kv_heads=2, head_dim=128,
                               rotary_dim=64, ffn_hidden_size=1024, vocab_size=4096, max_position=8192,
                               pad_token_id=0, eos_token_ids=(1,))
-PROMPT, DECODE, TOL = 16, 16, 1e-4
+PROMPT, DECODE = 16, 16
+
+
+def tol(model: torch.nn.Module, ref: torch.Tensor, context: int) -> float:
+    """What float32 rounding allows between two eager implementations summing in different orders."""
+    return numerics.fp32_logit_bound(model.cfg, context, float(ref.abs().max()))
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +93,16 @@ def test_matches_transformers_batch1_and_batch3(request: pytest.FixtureRequest, 
     decodes = [random_tokens(DECODE, vocab, seed=20 + i) for i in range(3)]
 
     ours = ours_logits(our_model, prompts, decodes, start)
-    worst = 0.0
+    worst, bound = 0.0, float("inf")
     for i in range(3):
         ref = oracle_logits(ref_model, prompts[i], decodes[i], start)
         assert ref.abs().max() > 0.5, "logits too small for the tolerance to mean anything"
+        bound = min(bound, tol(our_model, ref, PROMPT + DECODE))
         worst = max(worst, (ours[i] - ref).abs().max().item())
         if i == 0:  # batch 1 on its own too
             alone = ours_logits(our_model, prompts[:1], decodes[:1], start)[0]
-            assert (alone - ref).abs().max().item() <= TOL
-    assert worst <= TOL, f"max abs diff {worst:.3g} > {TOL}"
+            assert (alone - ref).abs().max().item() <= bound
+    assert worst <= bound, f"max abs diff {worst:.3g} > {bound:.3g}"
 
 
 @pytest.mark.parametrize("which", ["tiny", "head128"])
@@ -103,8 +111,9 @@ def test_matches_transformers_long_prompt(request: pytest.FixtureRequest, which:
     ckpt = request.getfixturevalue("tiny_checkpoint_hf" if which == "tiny" else "head128_checkpoint")
     ref_model, our_model = oracle(ckpt), load_model(ckpt, torch.float32)
     prompt, decode = random_tokens(2500, our_model.cfg.vocab_size, 7), random_tokens(4, our_model.cfg.vocab_size, 8)
-    diff = (ours_logits(our_model, [prompt], [decode], 0)[0] - oracle_logits(ref_model, prompt, decode, 0)).abs().max()
-    assert diff.item() <= TOL
+    ref = oracle_logits(ref_model, prompt, decode, 0)
+    diff = (ours_logits(our_model, [prompt], [decode], 0)[0] - ref).abs().max()
+    assert diff.item() <= tol(our_model, ref, 2504)
 
 
 def test_rope_ratio_matters(head128_checkpoint: Path) -> None:
@@ -114,7 +123,7 @@ def test_rope_ratio_matters(head128_checkpoint: Path) -> None:
     decode = [random_tokens(4, 4096, seed=2)]
     good = ours_logits(model, prompt, decode, 0)
     model.inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
-    assert (ours_logits(model, prompt, decode, 0) - good).abs().max() > 100 * TOL
+    assert (ours_logits(model, prompt, decode, 0) - good).abs().max() > 100 * tol(model, good, PROMPT + 4)
 
 
 def test_layouts_give_identical_logits(tiny_checkpoint: Path, tiny_checkpoint_hf: Path) -> None:
@@ -123,10 +132,11 @@ def test_layouts_give_identical_logits(tiny_checkpoint: Path, tiny_checkpoint_hf
     assert torch.equal(ours_logits(a, prompt, decode, 0), ours_logits(b, prompt, decode, 0))
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.15), (torch.float16, 0.02)])
-def test_half_precisions_run_close_to_fp32(tiny_checkpoint: Path, dtype: torch.dtype, tol: float) -> None:
+@pytest.mark.parametrize("dtype,unit", [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)])
+def test_half_precisions_run_close_to_fp32(tiny_checkpoint: Path, dtype: torch.dtype, unit: float) -> None:
     prompts, decodes = [random_tokens(PROMPT, 151552, 5)], [random_tokens(4, 151552, 6)]
     ref = ours_logits(load_model(tiny_checkpoint, torch.float32), prompts, decodes, 0)
     half = ours_logits(load_model(tiny_checkpoint, dtype), prompts, decodes, 0)
     assert half.dtype == torch.float32  # logits always come out in fp32
-    assert (half - ref).abs().max().item() < tol
+    bound = numerics.half_logit_bound(load_model(tiny_checkpoint).cfg, unit, float(ref.abs().max()))
+    assert (half - ref).abs().max().item() < bound < float(ref.abs().max())  # the bound is smaller than the logits
