@@ -28,8 +28,10 @@ from glm_export.quantize import (
     QuantizeError,
     QuantOptions,
     check_options,
+    cpu_tuning,
     options_for_backend,
     quantize_into,
+    resolve_host_options,
 )
 from glm_export.resume import STAGES, BuildJournal, fingerprint_dir, fingerprint_file, step_key
 from glm_export.validate import OrtGraph, compare, compare_engine
@@ -70,7 +72,7 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
     if backend != "onnxruntime":
         base = engine or EngineSpec(backend=backend)
         spec = EngineSpec(backend, base.max_batch, base.max_context, base.max_prefill, base.targets)
-    quant = options_for_backend(quant or QuantOptions(), backend)
+    quant = resolve_host_options(options_for_backend(quant or QuantOptions(), backend))
     if spec is not None and spec.targets and quant.target_compute_capability is None:
         quant = replace(quant, target_compute_capability=min(float(t) for t in spec.targets))
     if precision in QUANTIZED_PRECISIONS:
@@ -131,6 +133,8 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
                 report["quantization"] = dict(done["report"])
                 manifest["precision"] = precision
                 manifest["graph"] = done["graph"]
+                if precision == "int8" and quant.backend == "onnxruntime":
+                    manifest["cpu_tuning"] = cpu_tuning(quant)
             if validate:
                 report["validation"] = step("validate", lambda: validate_artifact(model_dir, tmp, precision))
             if spec is not None:

@@ -179,6 +179,11 @@ def build(
     weight_clip: Annotated[WeightClip, typer.Option(help=WEIGHT_CLIP_HELP)] = WeightClip.mse,
     weight_zero_point: Annotated[bool | None, typer.Option(help=WEIGHT_ZERO_POINT_HELP, show_default=False)] = None,
     kv_cache_dtype: Annotated[KVCacheDType, typer.Option(help=KV_CACHE_HELP)] = KVCacheDType.model,
+    int8_reduce_range: Annotated[bool | None, typer.Option(
+        "--int8-reduce-range/--int8-full-range", show_default=False,
+        help="int8 weights in 7 bits (exact on every x86 CPU) or 8 bits (half the rounding error; needs a CPU with "
+             "an int8 dot product: VNNI, AMX, Arm dotprod). Default: chosen for the build host, recorded in the "
+             "manifest; the runtime warns on a CPU the artifact was not tuned for.")] = None,
     accuracy_samples: Annotated[int, typer.Option(help="Held-out sequences for the accuracy report (0: skip).")]
     = 8,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
@@ -193,7 +198,7 @@ def build(
                          smoothquant_alpha=smoothquant_alpha, weight_block=weight_block,
                          weight_method=weight_method.value, weight_clip=weight_clip.value,
                          weight_zero_point=weight_zero_point, kv_cache=kv_cache_dtype.value,
-                         accuracy_samples=accuracy_samples)
+                         int8_reduce_range=int8_reduce_range, accuracy_samples=accuracy_samples)
     build_artifact(model, out, precision.value, overwrite=overwrite, validate=validate,
                    backend=backend.value if backend else None, engine=spec, quant=quant, resume=resume)
 
@@ -223,6 +228,34 @@ def engine(
 
     update_manifest_engines(artifact, entry)
     console.print(f"engine: {describe(entry)}")
+
+
+@app.command("env")
+@friendly_errors
+def env(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """What a bug report needs (as `vllm collect-env`): package versions, Python, the CPU and the ISA extensions
+    ONNX Runtime dispatches on, execution providers, TensorRT / TensorRT-RTX, GPU and compute capability, RAM, disk.
+    The same report as `glm-runtime env`, plus the torch build this side uses."""
+    import json
+    import sys
+
+    from glm_runtime import hostinfo
+
+    info = hostinfo.collect()
+    try:
+        import torch
+
+        info["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
+                         "cuda_available": torch.cuda.is_available(), "threads": torch.get_num_threads()}
+    except Exception as e:  # a broken torch is a reason to run this command
+        info["torch"] = {"error": f"{type(e).__name__}: {e}"}
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return
+    t = info["torch"]
+    extra = (f"torch: {t['version']} (CUDA {t['cuda'] or 'none'}, available {t['cuda_available']}, "
+             f"{t['threads']} threads)" if "version" in t else f"torch: {t['error']}")
+    sys.stdout.write(hostinfo.render(info) + "\n" + extra + "\n")
 
 
 class TorchDType(str, Enum):

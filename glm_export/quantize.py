@@ -85,10 +85,12 @@ class QuantOptions:
     kv_cache: str = "model"  # "model" (graph dtype) or "int8" (static per-tensor scales, ONNX Runtime; quant_kv.py)
     int4_format: str = "nbits"  # "nbits" (ORT MatMulNBits) or "qdq" (blocked DequantizeLinear, TensorRT)
     quantize_lm_head: bool = True
-    # int8 weights in [-63, 63] (ORT's reduce_range): ONNX Runtime's x86 int8 kernels without VNNI (AVX2, e.g.
-    # this AMD EPYC) add u8*s8 pairs in int16 and saturate with full-range weights (measured: 0.3 abs error on
-    # a 200-deep dot product, exact with 7 bits). Set False for TensorRT or VNNI / ARM hosts.
-    int8_reduce_range: bool = True
+    # int8 weights in [-63, 63] (ORT's reduce_range) or the full [-127, 127]. None: chosen for the build host
+    # (resolve_host_options). ONNX Runtime's x86 int8 kernels without an int8 dot product (AVX2 only) add u8*s8
+    # pairs in int16 and saturate with full-range weights (measured: 0.3 abs error on a 200-deep dot product, exact
+    # with 7 bits); with VNNI / AMX / Arm dotprod they accumulate in int32 and full range halves the weight rounding
+    # error at the same speed (docs/quantization.md). TensorRT: always full range.
+    int8_reduce_range: bool | None = None
     backend: str = "onnxruntime"  # set by options_for_backend: what the graph must run on
     accuracy_samples: int = 8  # held-out sequences for the accuracy report (0: skip it)
     target_compute_capability: float | None = None  # GPU the artifact is for, when known (fp8 needs >= 8.9)
@@ -102,6 +104,28 @@ def options_for_backend(options: QuantOptions, backend: str) -> QuantOptions:
         return options
     zp = False if options.weight_zero_point is None else options.weight_zero_point
     return replace(options, int4_format="qdq", int8_reduce_range=False, weight_zero_point=zp, backend=backend)
+
+
+def resolve_host_options(options: QuantOptions) -> QuantOptions:
+    """Fill in what depends on the CPU the graph will run on, judged by the build host: the int8 weight range.
+    An unknown CPU gets the 7-bit range, which is exact everywhere."""
+    if options.int8_reduce_range is not None:
+        return options
+    if options.backend != "onnxruntime":
+        return replace(options, int8_reduce_range=False)
+    from glm_runtime.hostinfo import int8_dot_product
+
+    return replace(options, int8_reduce_range=int8_dot_product() is not True)
+
+
+def cpu_tuning(options: QuantOptions) -> dict[str, Any]:
+    """The manifest's record of which CPUs an int8 ONNX Runtime graph was tuned for (the runtime checks it)."""
+    from glm_runtime.hostinfo import cpu
+
+    host = cpu()
+    full = not resolve_host_options(options).int8_reduce_range
+    return {"int8_weight_range": 127 if full else 63, "needs_int8_dot_product": full,
+            "build_host_cpu": host["model"], "build_host_isa": host["isa"]}
 
 
 def int4_zero_point(options: QuantOptions) -> bool:
@@ -487,6 +511,7 @@ def quantize_into(model_dir: Path, artifact: Path, precision: str, options: Quan
     """Quantize ``artifact/model.onnx`` (or ``source/model.onnx`` into ``artifact``); return the report's section."""
     from glm_export.checkpoint import Checkpoint, load_model
 
+    options = resolve_host_options(options)
     check_options(precision, options)
     t0 = time.perf_counter()
     ckpt = Checkpoint(model_dir)

@@ -13,6 +13,7 @@ import pytest
 from glm_export import build as build_mod
 from glm_export.atomic import BuildInProgressError
 from glm_export.quantize import QuantOptions
+from glm_runtime import hostinfo
 from glm_runtime.manifest import read_manifest
 
 
@@ -76,7 +77,10 @@ def test_failed_step_leaves_no_artifact_and_the_rerun_resumes(tmp_path: Path, ti
     assert (len(exports), len(quantizes), len(validations)) == (0, 0, 1)
     report = json.loads((out / "report.json").read_text())
     assert report["resumed"] == ["export", "quantize"] and report["quantization"]["layers"]
-    assert read_manifest(out, verify="hash")["precision"] == "int8"
+    manifest = read_manifest(out, verify="hash")
+    assert manifest["precision"] == "int8"
+    full = hostinfo.int8_dot_product() is True  # the weight range is chosen for the build host, and recorded
+    assert manifest["cpu_tuning"]["int8_weight_range"] == (127 if full else 63)
     assert not staged(out).exists() and not (out / ".journal.json").exists() and not (out / ".stages").exists()
 
     # The resumed artifact is the artifact a build from scratch makes.
@@ -113,6 +117,7 @@ def test_a_damaged_staged_file_is_redone_not_trusted(tmp_path: Path, tiny_checkp
     assert json.loads((out / "report.json").read_text())["validation"]["status"] == "ok"
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (scripts/test.sh --all)
 def test_no_resume_starts_over_and_a_changed_checkpoint_invalidates(tmp_path: Path, tiny_checkpoint: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "fp32"

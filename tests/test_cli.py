@@ -72,6 +72,7 @@ def test_unknown_precision_is_rejected_by_the_cli(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "int3" in r.output
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (scripts/test.sh --all)
 def test_build_int8_on_onnxruntime_end_to_end(tmp_path: Path, tiny_checkpoint: Path) -> None:
     out = tmp_path / "int8"
     r = runner.invoke(app, ["build", str(tiny_checkpoint), "--precision", "int8", "--backend", "onnxruntime",

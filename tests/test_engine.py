@@ -82,6 +82,7 @@ def test_engine_command_rebuilds_for_another_context(tmp_path: Path, fp16_engine
     assert entry["spec"]["max_context"] == 512 and entry["targets"] == ["8.9"]
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (scripts/test.sh --all)
 def test_bf16_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
     spec = EngineSpec("tensorrt-rtx", max_context=128, max_prefill=32, targets=("8.9",))
     manifest = build_artifact(tiny_checkpoint, tmp_path / "bf16", "bf16", backend="tensorrt-rtx", engine=spec)
@@ -120,6 +121,7 @@ def test_manifest_engine_metadata_is_json(fp16_engine_artifact: Path) -> None:
     assert set(entry) >= {"backend", "flavour", "version", "targets", "precision", "profiles", "spec", "build_s"}
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (scripts/test.sh --all)
 @pytest.mark.parametrize("precision", ["int8", "fp8", "int4"])
 def test_quantized_engines(tmp_path: Path, tiny_checkpoint: Path, precision: str) -> None:
     """The quantized graphs (fp16 base, Q/DQ / blocked DequantizeLinear) build into real engines."""

@@ -93,6 +93,7 @@ def test_corrupted_artifact_is_refused(tmp_path: Path, tiny_artifact: Path) -> N
         read_manifest(copy)
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (scripts/test.sh --all)
 def test_external_data_and_hf_layout(tmp_path: Path, tiny_checkpoint_hf: Path, tiny_checkpoint: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Force the >2 GB path (weights in model.onnx.data) on the hf layout: same numbers as PyTorch."""
@@ -117,6 +118,7 @@ def test_failed_export_leaves_nothing(tmp_path: Path, tiny_checkpoint: Path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (scripts/test.sh --all)
 def test_killed_export_never_looks_complete(tmp_path: Path, tiny_checkpoint: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -328,6 +328,16 @@ def info(artifact: Artifact, verify: VerifyOpt = Verify.size) -> None:
 
 @app.command()
 @friendly_errors
+def env(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """What a bug report needs: versions, CPU and its ISA extensions, execution providers, GPU, free RAM/disk."""
+    from glm_runtime import hostinfo
+
+    info = hostinfo.collect()
+    sys.stdout.write((json.dumps(info, indent=2) if as_json else hostinfo.render(info)) + "\n")
+
+
+@app.command()
+@friendly_errors
 def serve(
     artifact: Artifact,
     host: Annotated[str, typer.Option(help="Address to listen on. Loopback by default: exposing the server is an "

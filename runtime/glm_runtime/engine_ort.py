@@ -264,4 +264,32 @@ def load_engine(artifact: Path, manifest: dict[str, Any], config: ModelConfig, p
     path = Path(artifact) / graph.get("file", "model.onnx")
     if not path.is_file():
         raise ArtifactError(f"{path} not found: this artifact has no ONNX graph for the ONNX Runtime engine")
+    warn_cpu_tuning(manifest)
     return OrtEngine(path, config, providers, threads, log_severity)
+
+
+def warn_cpu_tuning(manifest: dict[str, Any]) -> str | None:
+    """An int8 graph is built for one kind of CPU (manifest ``cpu_tuning``, see glm_export.quantize): full-range
+    weights saturate ONNX Runtime's int8 kernels on CPUs without an int8 dot product; 7-bit weights are exact
+    everywhere but carry twice the rounding error a VNNI CPU could avoid. Say so once at load; return the text."""
+    from glm_runtime.hostinfo import cpu
+
+    tuning = manifest.get("cpu_tuning")
+    if not isinstance(tuning, dict):
+        return None
+    host = cpu()
+    if host["int8_dot_product"] is None:
+        return None
+    built_for = tuning.get("build_host_cpu", "another CPU")
+    if tuning.get("needs_int8_dot_product") and not host["int8_dot_product"]:
+        text = (f"this int8 artifact has full-range (8-bit) weights for CPUs with an int8 dot product (built on "
+                f"{built_for}); this CPU ({host['model']}) has none (no VNNI/AMX), so ONNX Runtime's int8 kernels "
+                f"can saturate and lose accuracy: rebuild it here, or with --int8-reduce-range")
+    elif tuning.get("int8_weight_range") == 63 and host["int8_dot_product"]:
+        text = (f"this int8 artifact has 7-bit weights for CPUs without VNNI (built on {built_for}); this CPU "
+                f"({host['model']}) has an int8 dot product: a build here (--int8-full-range) halves the weight "
+                f"rounding error at the same speed")
+    else:
+        return None
+    log.warning(text)
+    return text
