@@ -213,7 +213,8 @@ def test_client_errors_are_openai_style_4xx(served: tuple[str, Scheduler]) -> No
     assert 'code="500"' not in text and 'glm_http_requests_total{path="/v1/chat/completions",code="400"}' in text
 
 
-def test_full_server_429_and_disconnect_frees_the_row(served: tuple[str, Scheduler]) -> None:
+def test_full_server_429_and_disconnect_frees_the_row(served: tuple[str, Scheduler],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     base, sched = served
     body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 256, "stream": True, "temperature": 0,
             "ignore_eos": True}
@@ -241,8 +242,16 @@ def test_full_server_429_and_disconnect_frees_the_row(served: tuple[str, Schedul
     assert sched.stats.finished.get("cancelled", 0) - cancelled == 5  # ended by the disconnects, not by length
     got = client(base).completions.create(model=MODEL, prompt=[1, 2], max_tokens=2)
     assert got.usage.completion_tokens <= 2
-    # A client waiting for a whole (not streamed) answer that gives up frees its row too. 256 tokens take >= 0.25 s
-    # even on a fast machine (the tiny model's step is >= 1 ms); the client gives up after 0.1 s of silence.
+    # A client waiting for a whole (not streamed) answer that gives up frees its row too. The server looks for gone
+    # clients every DISCONNECT_POLL_S (0.25 s); a fast CPU runs the tiny model's 256 tokens in less than that, so
+    # each step is slowed to >= 10 ms here (>= 2.5 s in all) to make "cancelled, not finished" the only outcome.
+    step = sched.engine.step
+
+    def slow_step(*args: object, **kwargs: object) -> object:
+        time.sleep(0.01)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(sched.engine, "step", slow_step)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(base + "/v1/completions", json={**body, "stream": False}, headers=auth,
                    timeout=httpx.Timeout(10.0, read=0.1))
