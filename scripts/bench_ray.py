@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -36,6 +37,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("sea wind river stone light cloud field road tree city night fire snow rain bird song ship star "
          "garden bridge market winter summer morning evening mountain valley forest harbour island").split()
+#: Why requests failed, across the run (printed per config).
+ERRORS: Counter[str] = Counter()
 CONFIGS = {
     "single": [],
     "ray1": ["--ray", "--replicas", "1", "--router", "pow2"],
@@ -139,7 +142,7 @@ async def one_turn(client: httpx.AsyncClient, args: argparse.Namespace, messages
                                  headers={"x-session-id": session}) as r:
             replica = r.headers.get("x-glm-replica", "")
             if r.status_code != 200:
-                await r.aread()
+                ERRORS[f"HTTP {r.status_code}: {(await r.aread())[:160].decode(errors='replace')}"] += 1
                 return False, 0.0, 0, "", replica
             async for line in r.aiter_lines():
                 if not line.startswith("data: "):
@@ -149,6 +152,7 @@ async def one_turn(client: httpx.AsyncClient, args: argparse.Namespace, messages
                     break
                 data = json.loads(line[6:])
                 if "error" in data:
+                    ERRORS[f"stream error event: {str(data['error'].get('message'))[:160]}"] += 1
                     return False, 0.0, 0, "", replica
                 if data.get("usage"):
                     tokens = data["usage"]["completion_tokens"]
@@ -156,8 +160,11 @@ async def one_turn(client: httpx.AsyncClient, args: argparse.Namespace, messages
                     if ttft is None:
                         ttft = time.perf_counter() - t0
                     parts.append(c.get("delta", {}).get("content") or "")
-    except (httpx.HTTPError, json.JSONDecodeError):
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        ERRORS[f"{type(e).__name__}: {str(e)[:160]}"] += 1
         return False, 0.0, 0, "", replica
+    if not done:
+        ERRORS["stream ended without [DONE]"] += 1
     return done and ttft is not None, ttft or 0.0, tokens, "".join(parts), replica
 
 
@@ -262,6 +269,8 @@ def main() -> None:
             stats.update(prefix_rates(counters, replica_counters(base, replicas)))
         finally:
             stop(proc)
+        stats["error_kinds"] = dict(ERRORS)
+        ERRORS.clear()
         done = stats["requests"] - stats["errors"]
         stats.update(config=name, cpu_s=cpu1 - cpu0, cpu_ms_per_request=1e3 * (cpu1 - cpu0) / max(done, 1),
                      cpu_util=(cpu1 - cpu0) / stats["wall_s"], rss_gb=rss / 1e9)
@@ -279,6 +288,9 @@ def main() -> None:
               f"{s['ttft_later_p99_ms']:.0f} | {s['affinity']:.2f} | {s['prefix_hit_rate']:.2f} / "
               f"{s['prefix_token_hit_rate']:.2f} | {s['cpu_ms_per_request']:.0f} | "
               f"{s['cpu_util']:.2f} | {s['rss_gb']:.2f} |")
+    for s in rows:
+        if s["error_kinds"]:
+            print(f"\n{s['config']} errors: {s['error_kinds']}")
 
 
 if __name__ == "__main__":

@@ -250,7 +250,12 @@ def run(cfg: ReplicaConfig, host: str = "127.0.0.1", port: int = 8000, address: 
     ``shutdown_timeout`` seconds) and shut Serve down."""
     import ray
 
+    from glm_runtime.ray_proxy import CALLBACK
+
     if address is None:
+        # Serve's proxy reads this at start: replica failures reach clients as OpenAI-style errors (ray_proxy.py).
+        # Every process of the Ray instance started here inherits it; a cluster started elsewhere sets it itself.
+        os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", CALLBACK)
         ray.init(num_cpus=None, include_dashboard=False, logging_level=logging.WARNING)
     else:
         ray.init(address=address, logging_level=logging.WARNING)
