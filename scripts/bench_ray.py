@@ -7,13 +7,15 @@ Each config starts its own server process (``glm-runtime serve ARTIFACT [--ray .
 warms it up, runs the clients for ``--duration`` seconds, then stops it with SIGTERM. Every client holds
 conversations of ``--turns`` turns under one ``x-session-id``: each turn appends the previous answer and a new
 user message, so turn k's prompt starts with turn k-1's whole history (what a prefix cache can reuse).
-Requests stream ``/v1/chat/completions`` with ``ignore_eos`` (each answer is ``--max-tokens`` long).
+Requests stream ``/v1/chat/completions`` with ``ignore_eos`` (each answer is ``--max-tokens`` long); with
+``--token-ids``, ``/v1/completions`` with token-id prompts (for artifacts without a tokenizer).
 
-Reported per config: requests and errors, requests/s, generated tokens/s, time to first token p50/p99 (all turns
-and turns >= 2), affinity (share of turns >= 2 answered by the replica that answered the turn before, from the
-``x-glm-replica`` header), the prefix cache's hit rates over all replicas (from each replica's ``/metrics``; only
-when the scheduler has a prefix cache), server CPU seconds per request (user + system time of the server's whole
-process tree: Ray's GCS, raylet, proxy, controller and replicas included) and the tree's RSS.
+Reported per config: requests and errors, requests/s, generated tokens/s, time to first token (to the first
+chunk with text, not the chat stream's opening role chunk) p50/p99 (all turns and turns >= 2), affinity (share
+of turns >= 2 answered by the replica that answered the turn before, from the ``x-glm-replica`` header), the
+prefix cache's hit rates over all replicas (from each replica's ``/metrics``; only when the scheduler has a
+prefix cache), server CPU seconds per request (user + system time of the server's whole process tree: Ray's
+GCS, raylet, proxy, controller and replicas included) and the tree's RSS.
 Prints a markdown table and, with ``--json``, one JSON line per config.
 """
 
@@ -31,12 +33,14 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("sea wind river stone light cloud field road tree city night fire snow rain bird song ship star "
          "garden bridge market winter summer morning evening mountain valley forest harbour island").split()
+VOCAB = 151000  # GLM-4's ordinary token ids (the specials start at 151329)
 #: Why requests failed, across the run (printed per config).
 ERRORS: Counter[str] = Counter()
 CONFIGS = {
@@ -110,8 +114,8 @@ def start(args: argparse.Namespace, extra: list[str]) -> tuple[subprocess.Popen[
         if proc.poll() is not None:
             raise SystemExit(f"the server ({' '.join(extra) or 'single'}) exited with {proc.returncode}")
         try:
-            r = httpx.post(base + "/v1/chat/completions", timeout=30, json={
-                "model": "m", "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2})
+            r = httpx.post(base + "/v1/completions", timeout=30,
+                           json={"model": "m", "prompt": [1, 2, 3], "max_tokens": 2})
             if r.status_code == 200:
                 return proc, base
         except httpx.TransportError:
@@ -130,15 +134,20 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-async def one_turn(client: httpx.AsyncClient, args: argparse.Namespace, messages: list[dict[str, str]],
+async def one_turn(client: httpx.AsyncClient, args: argparse.Namespace, messages: list[dict[str, str]] | list[int],
                    session: str) -> tuple[bool, float, int, str, str]:
-    """``(ok, ttft_s, completion tokens, answer text, replica)`` of one streamed chat turn."""
-    body = {"model": "m", "messages": messages, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+    """``(ok, ttft_s, completion tokens, answer text, replica)`` of one streamed chat turn (or, with token ids,
+    one streamed completion)."""
+    body = {"model": "m", "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
+    if args.token_ids:
+        body["prompt"], path = messages, "/v1/completions"
+    else:
+        body["messages"], path = messages, "/v1/chat/completions"
     t0 = time.perf_counter()
     ttft, tokens, parts, done, replica = None, 0, [], False, ""
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=body,
+        async with client.stream("POST", path, json=body,
                                  headers={"x-session-id": session}) as r:
             replica = r.headers.get("x-glm-replica", "")
             if r.status_code != 200:
@@ -157,9 +166,10 @@ async def one_turn(client: httpx.AsyncClient, args: argparse.Namespace, messages
                 if data.get("usage"):
                     tokens = data["usage"]["completion_tokens"]
                 for c in data.get("choices", []):
-                    if ttft is None:
+                    piece = c.get("delta", {}).get("content") or c.get("text") or ""
+                    if ttft is None and piece:  # the first text, not the chat stream's opening role chunk
                         ttft = time.perf_counter() - t0
-                    parts.append(c.get("delta", {}).get("content") or "")
+                    parts.append(piece)
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         ERRORS[f"{type(e).__name__}: {str(e)[:160]}"] += 1
         return False, 0.0, 0, "", replica
@@ -180,13 +190,16 @@ async def load(args: argparse.Namespace, base: str) -> dict[str, float]:
             while time.perf_counter() < stop_at:
                 conv += 1
                 session = f"client{i}-conv{conv}"
-                messages = [{"role": "system", "content": " ".join(rng.choices(WORDS, k=args.system_words))}]
+                messages: list[Any] = [{"role": "system", "content": " ".join(rng.choices(WORDS, k=args.system_words))}]
+                ids = [rng.randrange(VOCAB) for _ in range(args.system_words)]
                 last = None
                 for turn in range(args.turns):
                     if time.perf_counter() >= stop_at:
                         break
                     messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=args.user_words))})
-                    ok, ttft, tokens, text, replica = await one_turn(client, args, messages, session)
+                    ids = ids + [rng.randrange(VOCAB) for _ in range(args.user_words)]
+                    ok, ttft, tokens, text, replica = await one_turn(client, args, ids if args.token_ids else messages,
+                                                                     session)
                     same = None if last is None or not replica else replica == last
                     results.append((turn, ok, ttft, tokens, same))
                     if not ok:
@@ -254,6 +267,9 @@ def main() -> None:
     ap.add_argument("--max-concurrency", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--startup-timeout", type=float, default=300.0)
+    ap.add_argument("--token-ids", action="store_true",
+                    help="/v1/completions with token-id prompts (artifacts without a tokenizer): each turn's prompt "
+                         "is the previous one plus --user-words new ids (the answers are not appended)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rows = []
