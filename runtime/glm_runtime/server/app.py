@@ -11,6 +11,7 @@ from glm_runtime.server.chat import chat_completions as chat_endpoint
 from glm_runtime.server.completions import completions as completions_endpoint
 from glm_runtime.server.context import ServerContext, ServerSettings
 from glm_runtime.server.errors import install_error_handlers
+from glm_runtime.server.limits import RequestSlots
 from glm_runtime.server.metrics import MetricsMiddleware, prometheus_text
 
 
@@ -48,4 +49,6 @@ def create_app(llm: LLM, scheduler: Scheduler, settings: ServerSettings) -> Fast
         return await completions_endpoint(ctx, request)
 
     app.add_middleware(MetricsMiddleware, counters=ctx.counters)
+    slots = settings.limits.request_slots(scheduler.max_concurrency, scheduler.max_queue)
+    app.add_middleware(RequestSlots, limit=slots)  # outermost: a refused request costs no body read
     return app

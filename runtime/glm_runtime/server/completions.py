@@ -32,7 +32,7 @@ async def completions(ctx: ServerContext, request: Request) -> Response:
                        code="unsupported_parameter")
     try:
         prompt = body.prompt
-        if not prompt or (isinstance(prompt, list) and not all(prompt)):
+        if not prompt or (isinstance(prompt, list) and not isinstance(prompt[0], int) and not all(prompt)):
             raise APIError(400, "prompt is empty: give text, token ids, or a list of either", param="prompt")
         count = len(prompt) if isinstance(prompt, list) and not isinstance(prompt[0], int) else 1
         ctx.check_sequences(count, body.n)
