@@ -24,6 +24,7 @@ from safetensors import safe_open
 
 from glm_export import rotary
 from glm_export.model import GLM4, is_matmul_weight
+from glm_export.weight_check import check_tensor
 from glm_runtime.config import ModelConfig
 
 # canonical name template -> per layout, the checkpoint names whose rows are concatenated to form it.
@@ -137,8 +138,10 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
 class Checkpoint:
     """A GLM-4 checkpoint directory: config plus lazily read, validated tensors under canonical names."""
 
-    def __init__(self, model_dir: str | Path) -> None:
+    def __init__(self, model_dir: str | Path, max_weight_abs: float | None = None) -> None:
+        """``max_weight_abs``: also refuse tensors with a value of larger magnitude (non-finite ones always are)."""
         self.dir = Path(model_dir)
+        self.max_weight_abs = max_weight_abs
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir} is not a directory: point at a Hugging Face GLM-4 checkpoint")
         self.config = ModelConfig.from_pretrained(self.dir)
@@ -218,7 +221,9 @@ class Checkpoint:
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = safe_open(os.fspath(info.file), framework="pt")
-        return handle.get_tensor(name)  # type: ignore[attr-defined]
+        t = handle.get_tensor(name)  # type: ignore[attr-defined]
+        check_tensor(name, t, self.max_weight_abs, f" (in {info.file.name})")
+        return t
 
     def tensor(self, canonical: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One canonical tensor, memory-mapped when no conversion or concatenation is needed."""
