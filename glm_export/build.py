@@ -7,6 +7,7 @@ none) and keeps its finished steps, which the next run with the same inputs reus
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -168,6 +169,11 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
             write_manifest(tmp, manifest)
     except (KeyboardInterrupt, Exception) as e:
         staged = Path(out).absolute().parent / f".{Path(out).name}.build"
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # D12: sizes and a way out, not a traceback
+            itemsize = 4 if export_dtype == "float32" else 2
+            need = Checkpoint(model_dir).config.num_parameters() * itemsize * (2 if precision in
+                                                                                QUANTIZED_PRECISIONS else 1)
+            raise BuildError(atomic.disk_full_message(staged, need, current)) from None
         if staged.is_dir() and not isinstance(e, atomic.BuildInProgressError | atomic.OutputExistsError):
             if isinstance(e, CheckpointError | WeightError) or not getattr(e, "resumable", True):
                 # Resuming would meet the same input again: say what to fix instead (issue 19, D8).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -112,6 +113,13 @@ def friendly_errors(fn: F) -> F:
         except (CheckpointError, ConfigError, ArtifactError, OutputExistsError, FileNotFoundError, BuildError,
                 EngineError, BuildInProgressError, WeightError) as e:
             console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+            raise typer.Exit(1) from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            console.print(f"[bold red]error:[/] no space left on the device ({e.filename or 'the output'}): free "
+                          "space or write the output to another disk (-o); nothing was published",
+                          soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

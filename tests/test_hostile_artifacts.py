@@ -258,3 +258,14 @@ def test_a_hanging_template_is_an_error_in_chat_and_the_server(tmp_path: Path, t
             assert r.status_code == 200
     finally:
         sched.close()
+
+
+def test_a_corrupt_graph_is_not_blamed_on_the_onnxruntime_version(tmp_path: Path, tiny_artifact: Path) -> None:
+    from glm_runtime import load
+
+    art = linked_copy(tiny_artifact, tmp_path / "a")
+    (art / "model.onnx").unlink()
+    (art / "model.onnx").write_bytes(b"\x08\x07garbage" * 100)
+    with pytest.raises(ArtifactError) as e:
+        load(art, threads=1, verify="none")
+    assert "upgrade onnxruntime" not in str(e.value) and "damaged" in str(e.value), str(e.value)
