@@ -91,7 +91,10 @@ def openapi_document(title: str, version: str, model_name: str, with_key: bool) 
     chat = _body_schema(ChatBody, components, model_name)
     completion = _body_schema(CompletionBody, components, model_name)
     components["ChatMessage"]["properties"]["role"] = {"type": "string", "enum": list(CHAT_ROLES)}
-    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+    # One server-sent event: "data: <a chunk as JSON, an error body, or [DONE]>" (schema tools check each event).
+    sse = {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
+                                            "properties": {"data": {"type": "string"},
+                                                           "event": {"type": "string"}}}}}
     generation_errors = _errors("400", "401", "404", "408", "413", "429", "499", "503")
 
     def generation(summary: str, body: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
