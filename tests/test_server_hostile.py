@@ -33,13 +33,17 @@ def llm(tiny_artifact: Path) -> LLM:
 
 
 @contextmanager
-def guarded(llm: LLM, **limits: float) -> Iterator[tuple[str, int, ConnectionTable]]:
-    """A server with ``serve``'s protocol and the given limits; yields (base URL, port, connection table)."""
+def guarded(llm: LLM, sndbuf: int | None = None, max_tokens: int = 64,
+            **limits: float) -> Iterator[tuple[str, int, ConnectionTable]]:
+    """A server with ``serve``'s protocol and the given limits; yields (base URL, port, connection table).
+    ``sndbuf``: the kernel send buffer of its connections (accepted sockets inherit the listener's)."""
     sched = Scheduler(llm.engine, max_concurrency=2, max_queue=2, kv_budget_bytes=1 << 30)
     lim = Limits(**limits)
-    app = create_app(llm, sched, ServerSettings(MODEL, max_tokens_limit=64, limits=lim))
+    app = create_app(llm, sched, ServerSettings(MODEL, max_tokens_limit=max_tokens, limits=lim))
     protocol, table = protocol_class(lim)
     sock = socket.socket()
+    if sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", http=protocol))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -136,6 +140,30 @@ def test_body_deadline_is_a_408(llm: LLM) -> None:
         reply = s.recv(4096)
         assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
         assert 0.8 < time.monotonic() - t0 < 5
+        s.close()
+
+
+def test_a_client_that_stops_reading_is_disconnected(llm: LLM) -> None:
+    """A stream nobody reads would hold its request slot (and its connection) for ever; the send deadline ends it
+    and frees the slot."""
+    with guarded(llm, sndbuf=4096, max_tokens=4000, send_timeout=1.0) as (base, port, table):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", port))
+        body = b'{"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 4000, "ignore_eos": true, "stream": true}'
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 60
+        while table.send_timeouts == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)  # never reading
+        assert table.send_timeouts == 1
+        with httpx.Client(base_url=base, timeout=10) as c:
+            for _ in range(50):
+                health = c.get("/health").json()
+                if health["running"] == 0:
+                    break
+                time.sleep(0.1)
+            assert health["running"] == 0  # the sequence was cancelled with its connection
         s.close()
 
 

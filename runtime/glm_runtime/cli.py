@@ -363,6 +363,8 @@ def serve(
                                                      "(after connecting or after its previous response).")] = 10.0,
     body_timeout: Annotated[float, typer.Option(help="Seconds a request has to send its whole body (HTTP 408 "
                                                      "beyond).")] = 30.0,
+    send_timeout: Annotated[float, typer.Option(help="Seconds writes to a client may stay blocked (it stopped "
+                                                     "reading) before it is disconnected.")] = 60.0,
     threads: Threads = None,
     provider: Provider = None,
     verify: VerifyOpt = Verify.hash,
@@ -384,9 +386,10 @@ def serve(
                           prefill_chunk=prefill_chunk, kv_budget_bytes=llm.generator.kv_budget_bytes,
                           max_cache_len=max_model_len)
     name = model_name or artifact.resolve().name
-    if min(head_timeout, body_timeout) <= 0 or (max_connections is not None and max_connections < 1):
-        raise ValueError("--head-timeout and --body-timeout must be > 0 s and --max-connections >= 1")
-    limits = server.Limits(head_timeout=head_timeout, body_timeout=body_timeout, max_connections=max_connections)
+    if min(head_timeout, body_timeout, send_timeout) <= 0 or (max_connections is not None and max_connections < 1):
+        raise ValueError("--head-timeout, --body-timeout and --send-timeout must be > 0 s and --max-connections >= 1")
+    limits = server.Limits(head_timeout=head_timeout, body_timeout=body_timeout, send_timeout=send_timeout,
+                           max_connections=max_connections)
     settings = server.ServerSettings(name, key, max_body_bytes, max_tokens_limit, limits=limits)
     console.print(f"serving [bold]{escape(name)}[/] on http://{host}:{port}/v1 ({max_concurrency} concurrent "
                   f"sequences, up to {scheduler.max_cache_len} tokens each; {scheduler.plan.arithmetic()})",

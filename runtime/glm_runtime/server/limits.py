@@ -18,6 +18,9 @@ stayed open (issue 19, D4). Here:
   clients that already completed a request go only after those. Only when every connection is busy is the newcomer
   itself turned away (503). A genuine client sends its request head within milliseconds of connecting, so a
   flood of silent sockets can no longer starve it.
+- **Send deadline** (``send_timeout``): a client that stops reading its response (a stream it never consumes) is
+  disconnected once writes to it have been blocked this long, which cancels its sequences and frees its request
+  slot; otherwise such clients could hold every slot for ever.
 - **Request slots** (``max_requests``): requests in flight beyond this get an immediate 503 with ``Retry-After``
   instead of buffering their bodies; ``/health`` and ``/metrics`` never count and are always answered, so a
   liveness probe does not restart a server that is merely busy.
@@ -55,6 +58,7 @@ class Limits:
     head_timeout: float = 10.0
     body_timeout: float = 30.0
     keep_alive: float = 5.0
+    send_timeout: float = 60.0
     max_connections: int | None = None
     max_requests: int | None = None
 
@@ -91,6 +95,7 @@ class ConnectionTable:
         self.open: dict[GuardedH11Protocol, None] = {}  # insertion order = age
         self.shed = 0
         self.head_timeouts = 0
+        self.send_timeouts = 0
 
     def admit(self, conn: GuardedH11Protocol) -> bool:
         """Register ``conn``; close idle connections while over the limit. False: ``conn`` itself is refused."""
@@ -134,6 +139,7 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self.served = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
         if not self.table.admit(self):
             self._refuse()
             return
@@ -142,6 +148,7 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.table.remove(self)
         self._cancel_head_timer()
+        self._cancel_send_timer()
         super().connection_lost(exc)
 
     def handle_events(self) -> None:
@@ -155,6 +162,26 @@ class GuardedH11Protocol(H11Protocol):
         if not self.transport.is_closing():
             self._arm_head_timer()  # the next request's head (or silence) is timed from here
         super().on_response_complete()
+
+    def pause_writing(self) -> None:
+        """The client is not reading: start the send deadline (uvicorn's own flow control pauses the app)."""
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.limits.send_timeout, self._send_timeout)
+
+    def resume_writing(self) -> None:
+        self._cancel_send_timer()
+        super().resume_writing()
+
+    def _send_timeout(self) -> None:
+        self._send_timer = None
+        self.table.send_timeouts += 1
+        self.transport.abort()  # connection_lost then unblocks the app's pending send and marks it disconnected
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
 
     def idle(self) -> bool:
         """No request in flight (nothing is lost by closing it)."""
