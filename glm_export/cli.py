@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -20,6 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 F = TypeVar("F", bound=Callable[..., Any])
 
 MODEL_HELP = "Checkpoint directory; the built-in tiny model when omitted."
+MAX_WEIGHT_ABS_HELP = ("Also refuse checkpoint weights of larger magnitude (NaN and Inf are always refused); trained "
+                       "GLM-4 weights stay well under 100.")
 PRESET_HELP = "Shapes: tiny (tests), glm-4-9b-2layer (3.3 GB), glm-4-9b (18.8 GB)."
 LAYOUT_HELP = "Tensor names: chatglm (THUDM original) or hf (transformers GlmForCausalLM)."
 TOKENIZER_FROM_HELP = ("Copy tokenizer.model / tokenizer_config.json from this directory (e.g. a real GLM-4 "
@@ -101,14 +104,22 @@ def friendly_errors(fn: F) -> F:
         from glm_export.build import BuildError
         from glm_export.checkpoint import CheckpointError
         from glm_export.engine import EngineError
+        from glm_export.weight_check import WeightError
         from glm_runtime.config import ConfigError
         from glm_runtime.manifest import ArtifactError
 
         try:
             return fn(*args, **kwargs)
         except (CheckpointError, ConfigError, ArtifactError, OutputExistsError, FileNotFoundError, BuildError,
-                EngineError, BuildInProgressError) as e:
+                EngineError, BuildInProgressError, WeightError) as e:
             console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+            raise typer.Exit(1) from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            console.print(f"[bold red]error:[/] no space left on the device ({e.filename or 'the output'}): free "
+                          "space or write the output to another disk (-o); nothing was published",
+                          soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -148,12 +159,13 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create.")] = Path("glm4-onnx"),
     dtype: Annotated[DType, typer.Option(help=DTYPE_HELP)] = DType.float32,
     overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+    max_weight_abs: Annotated[float | None, typer.Option(help=MAX_WEIGHT_ABS_HELP, min=0)] = None,
 ) -> None:
     """Export a GLM-4 checkpoint to ONNX with KV-cache inputs/outputs, manifest and tokenizer files."""
     from glm_export.builtin import resolve_model
     from glm_export.export import export_onnx
 
-    export_onnx(resolve_model(model), out, dtype.value, overwrite=overwrite)
+    export_onnx(resolve_model(model), out, dtype.value, overwrite=overwrite, max_weight_abs=max_weight_abs)
 
 
 @app.command("build")
@@ -187,6 +199,7 @@ def build(
     accuracy_samples: Annotated[int, typer.Option(help="Held-out sequences for the accuracy report (0: skip).")]
     = 8,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
+    max_weight_abs: Annotated[float | None, typer.Option(help=MAX_WEIGHT_ABS_HELP, min=0)] = None,
 ) -> None:
     """Export, (quantize), build engines and validate: the whole pipeline into one artifact directory."""
     from glm_export.build import build_artifact
@@ -200,7 +213,8 @@ def build(
                          weight_zero_point=weight_zero_point, kv_cache=kv_cache_dtype.value,
                          int8_reduce_range=int8_reduce_range, accuracy_samples=accuracy_samples)
     build_artifact(model, out, precision.value, overwrite=overwrite, validate=validate,
-                   backend=backend.value if backend else None, engine=spec, quant=quant, resume=resume)
+                   backend=backend.value if backend else None, engine=spec, quant=quant, resume=resume,
+                   max_weight_abs=max_weight_abs)
 
 
 @app.command("engine")

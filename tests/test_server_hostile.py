@@ -239,3 +239,20 @@ def test_serve_rejects_a_port_out_of_range(tiny_artifact: Path) -> None:
 
     r = CliRunner().invoke(app, ["serve", str(tiny_artifact), "--port", "99999"])
     assert r.exit_code != 0 and "Traceback" not in r.output and "65535" in r.output, r.output
+
+
+def test_context_errors_name_the_prompt_and_offer_no_truncate_option(llm: LLM) -> None:
+    """The HTTP API has no `truncate`; /v1/completions' context errors named `messages`."""
+    from fastapi.testclient import TestClient
+
+    sched = Scheduler(llm.engine, max_concurrency=1, kv_budget_bytes=1 << 30)
+    app = create_app(llm, sched, ServerSettings(MODEL, max_tokens_limit=64))
+    long = [7] * (llm.config.max_position + 1)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as c:
+            r = c.post("/v1/completions", json={"model": MODEL, "prompt": long, "max_tokens": 4})
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["code"] == "context_length_exceeded", r.text
+            assert err["param"] == "prompt" and "truncat" not in err["message"], err
+    finally:
+        sched.close()

@@ -48,7 +48,7 @@ async def completions(ctx: ServerContext, request: Request) -> Response:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         choices = ctx.sequences(specs, body.n, loop, queue, body.ignore_eos)
     except (ValueError, QueueFullError, SchedulerClosedError) as e:
-        raise client_error(e) from None
+        raise client_error(e, prompt_param="prompt") from None
     rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": settings.model_name}
     ids_only = llm.tokenizer is None
