@@ -8,6 +8,7 @@ Ray on 2 cores takes ~20 s); everything is shut down at the end.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -45,6 +46,9 @@ def ray_base(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     key_file = tmp_path_factory.mktemp("key") / "key"
     key_file.write_text(KEY)
     port = free_port()
+    from glm_runtime.ray_proxy import CALLBACK
+
+    os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = CALLBACK  # as `glm-runtime serve --ray` does
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 << 20, logging_level="WARNING")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -56,6 +60,7 @@ def ray_base(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     finally:
         serve.shutdown()
         ray.shutdown()
+        os.environ.pop("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", None)
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +138,10 @@ def test_a_conversation_stays_on_one_replica(ray_base: str) -> None:
 
 
 def test_killing_a_replica_under_load_loses_no_request(ray_base: str) -> None:
-    """6 streaming clients; one replica's actor is killed mid-load. Every request must end (completed, or failed
-    with an error the client sees) within its timeout: lost = 0. Serve then starts a replacement replica."""
+    """6 streaming clients; one replica's actor is killed mid-load. Every request must end within its timeout
+    (lost = 0): completed, or failed with an OpenAI-style error naming the failed replica (a 503 body before the
+    stream started, an error event in it after: ray_proxy.py), never a bare cut. Serve then starts a
+    replacement replica."""
     counts: Counter[str] = Counter()
     errors: list[str] = []
     stop = threading.Event()
@@ -159,7 +166,10 @@ def test_killing_a_replica_under_load_loses_no_request(ray_base: str) -> None:
                     errors.append(f"stream ended with finish reasons {reasons}")
             except openai.APITimeoutError:
                 outcome = "lost"  # hung until the client gave up
-            except (openai.APIError, httpx.HTTPError) as e:
+            except (openai.APIConnectionError, httpx.HTTPError) as e:  # cut without an error the client can read
+                outcome = "failed"
+                errors.append(f"unclear {type(e).__name__}: {e}"[:300])
+            except openai.APIError as e:  # an OpenAI-style error body or stream event
                 outcome = "failed"
                 errors.append(f"{type(e).__name__}: {e}"[:300])
             if time.monotonic() - t0 > 55:
@@ -183,6 +193,7 @@ def test_killing_a_replica_under_load_loses_no_request(ray_base: str) -> None:
     print(f"\nray.kill under load: {dict(counts)}; errors: {errors[:3]}")
     assert counts["lost"] == 0
     assert counts["sent"] == counts["completed"] + counts["failed"]
+    assert all("replica" in e and not e.startswith("unclear") for e in errors), errors  # ray_proxy.py's errors
     assert counts["completed"] > counts["failed"]  # the other replica kept serving
 
     # Serve replaces the killed replica: two replicas answer again, neither of them the victim

@@ -71,6 +71,8 @@ class ReplicaConfig:
     verify: str = "hash"
     prefill_chunk: int = 512
     kv_budget_gb: float | None = None
+    #: The scheduler's prefix cache bound (``serve --prefix-cache-gb``); None: the scheduler's default.
+    prefix_cache_gb: float | None = None
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ReplicaConfig:
@@ -124,9 +126,10 @@ class GLMReplica:
         budget = int(cfg.kv_budget_gb * 1e9) if cfg.kv_budget_gb is not None else None
         self.llm = load(cfg.artifact, providers=cfg.providers, threads=cfg.threads, verify=cfg.verify,
                         prefill_chunk=cfg.prefill_chunk, kv_budget_bytes=budget)
+        extra = {} if cfg.prefix_cache_gb is None else {"prefix_cache_bytes": int(cfg.prefix_cache_gb * 1e9)}
         self.scheduler = Scheduler(self.llm.engine, max_concurrency=cfg.max_concurrency, max_queue=cfg.max_queue,
                                    prefill_chunk=cfg.prefill_chunk, kv_budget_bytes=self.llm.generator.kv_budget_bytes,
-                                   max_cache_len=cfg.max_model_len)
+                                   max_cache_len=cfg.max_model_len, **extra)
         name = cfg.model_name or os.path.basename(os.path.normpath(cfg.artifact))
         self.settings = ServerSettings(name, key, cfg.max_body_bytes, cfg.max_tokens_limit)
         self._progress = -1
@@ -247,7 +250,12 @@ def run(cfg: ReplicaConfig, host: str = "127.0.0.1", port: int = 8000, address: 
     ``shutdown_timeout`` seconds) and shut Serve down."""
     import ray
 
+    from glm_runtime.ray_proxy import CALLBACK
+
     if address is None:
+        # Serve's proxy reads this at start: replica failures reach clients as OpenAI-style errors (ray_proxy.py).
+        # Every process of the Ray instance started here inherits it; a cluster started elsewhere sets it itself.
+        os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", CALLBACK)
         ray.init(num_cpus=None, include_dashboard=False, logging_level=logging.WARNING)
     else:
         ray.init(address=address, logging_level=logging.WARNING)
