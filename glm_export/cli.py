@@ -272,6 +272,52 @@ def env(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable o
     sys.stdout.write(hostinfo.render(info) + "\n" + extra + "\n")
 
 
+class EvalScore(str, Enum):
+    all = "all"
+    second_half = "second-half"
+
+
+class EvalBackend(str, Enum):
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    model: Annotated[Path, typer.Argument(help="Artifact directory (ONNX Runtime, or its TensorRT engine on a GPU) "
+                                          "or checkpoint directory (PyTorch fp32).")],
+    text: Annotated[Path, typer.Option(help="UTF-8 text file, tokenized as plain text (no special tokens).")],
+    ctx: Annotated[int, typer.Option(help="Tokens per non-overlapping window.", min=2)] = 256,
+    reference: Annotated[Path | None, typer.Option(help="Artifact or checkpoint to compare with: adds KL, top-1 "
+                                                   "agreement and Δ perplexity.")] = None,
+    score: Annotated[EvalScore, typer.Option(help="Score every token after a window's first (all), or only the "
+                                             "second half of each window (as llama-perplexity).")] = EvalScore.all,
+    max_windows: Annotated[int | None, typer.Option(help="Evaluate at most this many windows.", min=1)] = None,
+    backend: Annotated[EvalBackend, typer.Option(help="For an artifact: auto (its TensorRT engine when a GPU is "
+                                                 "here, else ONNX Runtime), onnxruntime or tensorrt.")]
+    = EvalBackend.auto,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (ONNX Runtime / PyTorch).", min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Held-out perplexity of a model on raw text (non-overlapping windows), with a reference also KL divergence,
+    top-1 agreement and Δ perplexity, as llama-perplexity (--kl-divergence) reports them."""
+    import json
+
+    from glm_export.evaluate import EvalError, evaluate, markdown
+
+    try:
+        res = evaluate(model, text, ctx, reference, score.value, max_windows, backend.value, threads)
+    except EvalError as e:
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
+    if as_json:
+        sys.stdout.write(json.dumps(res.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write("\n".join(markdown(res)) + "\n")
+
+
 class TorchDType(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
