@@ -361,6 +361,10 @@ def serve(
     verify: VerifyOpt = Verify.hash,
     prefill_chunk: PrefillChunk = 512,
     kv_budget_gb: Budget = None,
+    prefix_cache_gb: Annotated[float | None, typer.Option(
+        help="Bound of the automatic prefix cache (K/V of earlier requests' prompts and answers, reused by any "
+             "request that starts with the same tokens); 0 turns it off. Default: what the KV budget leaves "
+             "beside the pool.")] = None,
 ) -> None:
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)
     with continuous batching. Stops gracefully on SIGTERM."""
@@ -375,7 +379,8 @@ def serve(
     llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb)
     scheduler = Scheduler(llm.engine, max_concurrency=max_concurrency, max_queue=max_queue,
                           prefill_chunk=prefill_chunk, kv_budget_bytes=llm.generator.kv_budget_bytes,
-                          max_cache_len=max_model_len)
+                          max_cache_len=max_model_len,
+                          prefix_cache_bytes=int(prefix_cache_gb * 1e9) if prefix_cache_gb is not None else None)
     name = model_name or artifact.resolve().name
     settings = server.ServerSettings(name, key, max_body_bytes, max_tokens_limit)
     console.print(f"serving [bold]{escape(name)}[/] on http://{host}:{port}/v1 ({max_concurrency} concurrent "
