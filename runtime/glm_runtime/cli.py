@@ -380,6 +380,10 @@ def serve(
                                                          "one) instead of starting Ray here.")] = None,
     replica_cpus: Annotated[float | None, typer.Option(help="With --ray: CPUs Ray reserves per replica "
                                                             "(default: --threads, else 1).")] = None,
+    prefix_cache_gb: Annotated[float | None, typer.Option(
+        help="Bound of the automatic prefix cache (K/V of earlier requests' prompts and answers, reused by any "
+             "request that starts with the same tokens); 0 turns it off. Default: what the KV budget leaves "
+             "beside the pool.")] = None,
 ) -> None:
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)
     with continuous batching. Stops gracefully on SIGTERM."""
@@ -399,7 +403,8 @@ def serve(
     llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb)
     scheduler = Scheduler(llm.engine, max_concurrency=max_concurrency, max_queue=max_queue,
                           prefill_chunk=prefill_chunk, kv_budget_bytes=llm.generator.kv_budget_bytes,
-                          max_cache_len=max_model_len)
+                          max_cache_len=max_model_len,
+                          prefix_cache_bytes=int(prefix_cache_gb * 1e9) if prefix_cache_gb is not None else None)
     name = model_name or artifact.resolve().name
     if min(head_timeout, body_timeout) <= 0 or (max_connections is not None and max_connections < 1):
         raise ValueError("--head-timeout and --body-timeout must be > 0 s and --max-connections >= 1")

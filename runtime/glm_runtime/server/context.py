@@ -211,7 +211,10 @@ class ServerContext:
 def usage(prompt_lengths: list[int], choices: list[Choice]) -> dict[str, int]:
     prompt = sum(prompt_lengths)
     completion = sum(len(c.seq.output) for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    # As OpenAI and vLLM: prompt tokens whose K/V were reused (prefix cache, or the first sibling of n > 1).
+    cached = sum(c.seq.cached for c in choices if not c.seq.shared)  # n > 1: the prompt counts once
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def failed(choices: list[Choice]) -> APIError | None:
