@@ -187,6 +187,14 @@ def build(
     accuracy_samples: Annotated[int, typer.Option(help="Held-out sequences for the accuracy report (0: skip).")]
     = 8,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
+    stream: Annotated[bool | None, typer.Option(
+        "--stream/--no-stream", show_default=False,
+        help="Quantize for ONNX Runtime one decoder layer at a time (the same artifact, never the float32 model "
+             "in memory or on disk: what a 9B model needs on a 24 GB machine). Default: streams when the "
+             "whole-model path would not fit in the available RAM.")] = None,
+    skip_memory_check: Annotated[bool, typer.Option(
+        help="Build even when the up-front estimate of peak RAM or disk (docs/memory.md) says it will not fit.")]
+    = False,
 ) -> None:
     """Export, (quantize), build engines and validate: the whole pipeline into one artifact directory."""
     from glm_export.build import build_artifact
@@ -200,7 +208,8 @@ def build(
                          weight_zero_point=weight_zero_point, kv_cache=kv_cache_dtype.value,
                          int8_reduce_range=int8_reduce_range, accuracy_samples=accuracy_samples)
     build_artifact(model, out, precision.value, overwrite=overwrite, validate=validate,
-                   backend=backend.value if backend else None, engine=spec, quant=quant, resume=resume)
+                   backend=backend.value if backend else None, engine=spec, quant=quant, resume=resume,
+                   stream=stream, memory_check=not skip_memory_check)
 
 
 @app.command("engine")
