@@ -200,6 +200,14 @@ def build(
     = 8,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
     max_weight_abs: Annotated[float | None, typer.Option(help=MAX_WEIGHT_ABS_HELP, min=0)] = None,
+    stream: Annotated[bool | None, typer.Option(
+        "--stream/--no-stream", show_default=False,
+        help="Quantize for ONNX Runtime one decoder layer at a time (the same artifact, never the float32 model "
+             "in memory or on disk: what a 9B model needs on a 24 GB machine). Default: streams when the "
+             "whole-model path would not fit in the available RAM.")] = None,
+    skip_memory_check: Annotated[bool, typer.Option(
+        help="Build even when the up-front estimate of peak RAM or disk (docs/memory.md) says it will not fit.")]
+    = False,
 ) -> None:
     """Export, (quantize), build engines and validate: the whole pipeline into one artifact directory."""
     from glm_export.build import build_artifact
@@ -214,7 +222,7 @@ def build(
                          int8_reduce_range=int8_reduce_range, accuracy_samples=accuracy_samples)
     build_artifact(model, out, precision.value, overwrite=overwrite, validate=validate,
                    backend=backend.value if backend else None, engine=spec, quant=quant, resume=resume,
-                   max_weight_abs=max_weight_abs)
+                   max_weight_abs=max_weight_abs, stream=stream, memory_check=not skip_memory_check)
 
 
 @app.command("engine")
