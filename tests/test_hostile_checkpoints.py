@@ -77,3 +77,27 @@ def test_build_refuses_an_inf_weight_without_resume_advice(tmp_path: Path, tiny_
     assert f"{HEAD} (in model-00001-of-00001.safetensors) has 1 non-finite value (first: inf at index [1000, 5]" in text
     assert "cannot succeed until the problem below is fixed" in text and "to resume" not in text, text
     assert not out.exists()
+
+
+class _Payload:
+    """Unpickling this would create the file named by ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_checkpoint_is_refused_unread(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """Kept from before issue 19: a .bin (pickle) checkpoint is refused without being unpickled."""
+    import pickle
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copy(tiny_checkpoint / "config.json", ckpt / "config.json")
+    marker = tmp_path / "unpickled"
+    (ckpt / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(str(marker))))
+    r = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and "safetensors" in r.output and "Traceback" not in r.output, r.output
+    assert not marker.exists()

@@ -256,3 +256,23 @@ def test_context_errors_name_the_prompt_and_offer_no_truncate_option(llm: LLM) -
             assert err["param"] == "prompt" and "truncat" not in err["message"], err
     finally:
         sched.close()
+
+
+@pytest.mark.parametrize("penalty", [5e-324, 1e-300, 1e300])
+@pytest.mark.parametrize("temperature", [0.7, 1e-300])
+def test_extreme_repetition_penalties_stay_finite(penalty: float, temperature: float) -> None:
+    """Found by the schema fuzzer: a penalty of 1e-300 turned seen logits into inf, and sampling into NaN."""
+    import warnings
+
+    import numpy as np
+
+    from glm_runtime.sampling import Sampler, SamplingParams
+
+    s = Sampler(SamplingParams(temperature=temperature, repetition_penalty=penalty, seed=1), 1, 10)
+    s.observe(0, [1, 2, 3])
+    z = np.array([[1, -2, 3, 0.5, 0, 0, 0, 0, 0, 0]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning noise in the server log either
+        probs = s.probabilities(z[0])
+        token = int(s(z.copy())[0])
+    assert np.isfinite(probs).all() and abs(probs.sum() - 1) < 1e-9 and probs[token] > 0

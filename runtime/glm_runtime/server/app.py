@@ -13,13 +13,15 @@ from glm_runtime.server.context import ServerContext, ServerSettings
 from glm_runtime.server.errors import install_error_handlers
 from glm_runtime.server.limits import RequestSlots
 from glm_runtime.server.metrics import MetricsMiddleware, prometheus_text
+from glm_runtime.server.openapi import install_openapi
 
 
 def create_app(llm: LLM, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
     """The FastAPI app serving ``llm`` through ``scheduler`` (the caller owns both and closes the scheduler)."""
-    app = FastAPI(title="glm-runtime", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="glm-runtime", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     ctx = ServerContext(llm, scheduler, settings)
     install_error_handlers(app)
+    install_openapi(app, settings.model_name, with_key=bool(settings.api_key))
 
     @app.get("/health")
     async def health() -> JSONResponse:
