@@ -12,6 +12,7 @@ from glm_runtime.server.completions import completions as completions_endpoint
 from glm_runtime.server.context import ServerContext, ServerSettings
 from glm_runtime.server.errors import install_error_handlers
 from glm_runtime.server.metrics import MetricsMiddleware, prometheus_text
+from glm_runtime.server.tokenize import install_tokenize_routes
 
 
 def create_app(llm: LLM, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
@@ -47,5 +48,6 @@ def create_app(llm: LLM, scheduler: Scheduler, settings: ServerSettings) -> Fast
     async def text_completions(request: Request) -> Response:
         return await completions_endpoint(ctx, request)
 
+    install_tokenize_routes(app, ctx)
     app.add_middleware(MetricsMiddleware, counters=ctx.counters)
     return app

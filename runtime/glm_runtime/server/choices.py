@@ -55,6 +55,8 @@ class Choice:
     tools: list[dict[str, Any]] | None = None
     forced: str | None = None  # a tool name put on the answer's metadata line by tool_choice
     done: bool = False
+    seen: int = 0  # token events received (streaming: which logprobs entries exist)
+    sent: int = 0  # logprobs entries already streamed
 
 
 def chat_result(llm: LLM, choice: Choice) -> tuple[dict[str, Any], str]:

@@ -145,7 +145,8 @@ class ServerContext:
 
     def sequences(self, specs: list[RequestSpec], n: int, loop: asyncio.AbstractEventLoop,
                   queue: asyncio.Queue[Any], ignore_eos: bool, tools: list[dict[str, Any]] | None = None,
-                  forced: str | None = None) -> list[Choice]:
+                  forced: str | None = None, logprobs: int | None = None,
+                  prompt_logprobs: int | None = None) -> list[Choice]:
         """One scheduler sequence per prompt x n, submitted together (all or none)."""
         self.check_sequences(len(specs), n)
         tool_set = None
@@ -164,7 +165,8 @@ class ServerContext:
                     text.assistant.mode = "tool"  # the metadata line naming the tool is already in the prompt
                 relay = Relay(loop, queue, index, text)
                 stop_ids = frozenset() if ignore_eos else frozenset(spec.stop_ids)
-                seq = Sequence(spec.prompt_ids, spec.max_new_tokens, params, stop_ids, relay)
+                seq = Sequence(spec.prompt_ids, spec.max_new_tokens, params, stop_ids, relay, logprobs=logprobs,
+                               prompt_logprobs=prompt_logprobs)
                 choices.append(Choice(index, seq, relay, tools=tools, forced=forced))
         self.scheduler.submit(*(c.seq for c in choices))
         return choices
