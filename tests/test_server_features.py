@@ -162,3 +162,77 @@ def test_tokenize_detokenize_and_tokenizer_info(served: tuple[str, Scheduler], l
     assert info["eos_token"] and info["chat_template"] and info["model_max_length"] > 0
     assert httpx.post(base + "/detokenize", json={"tokens": [10**9]}, headers=AUTH).status_code == 400
     assert httpx.post(base + "/tokenize", json={"prompt": "x"}).status_code == 401
+
+
+# ---- structured output (a scripted "model" that would break the format; the grammar must not let it) ------------
+UNIT = {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "ok": {"type": "boolean"}},
+        "required": ["unit", "ok"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": UNIT}},
+         {"type": "function", "function": {"name": "set_alarm", "parameters": {
+             "type": "object", "properties": {"hour": {"enum": [6, 7, 8]}}, "required": ["hour"],
+             "additionalProperties": False}}}]
+
+
+def valid_unit(args: dict) -> bool:
+    return set(args) == {"unit", "ok"} and args["unit"] in ("c", "f") and isinstance(args["ok"], bool)
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_artifact: Path, llm: LLM) -> Iterator[tuple[str, object]]:
+    from glm_runtime.manifest import model_config, read_manifest
+    from tests.test_server import ScriptedRowEngine
+
+    manifest = read_manifest(tiny_artifact, verify="none")
+    engine = ScriptedRowEngine(model_config(manifest))
+    model = LLM(tiny_artifact, manifest, engine, llm.tokenizer, {"eos_token_id": [151329, 151336, 151338]})
+    with running(model, Scheduler(engine, max_concurrency=2, kv_budget_bytes=1 << 30), api_key=KEY) as base:
+        yield base, engine
+
+
+def say(engine, llm: LLM, messages: list, answer: str, tools: list | None = None, prefix: str = "") -> None:
+    from glm_runtime.tool_calls import openai_to_glm_messages
+
+    tok = llm.tokenizer
+    prompt = tok.apply_chat_template(openai_to_glm_messages(messages, tools)) + tok.encode(prefix)
+    engine.prompt_len, engine.script = len(prompt), [*tok.encode(answer), tok.special_ids["<|user|>"]]
+
+
+def test_response_format_json_schema_holds_a_model_that_breaks_it(scripted, llm: LLM) -> None:
+    base, engine = scripted
+    c = client(base)
+    messages = [{"role": "user", "content": "unit?"}]
+    say(engine, llm, messages, '\n{"unit":"x","ok":maybe}')  # what the "model" wants: two invalid values
+    free = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=40)
+    assert free.choices[0].message.content.strip() == '{"unit":"x","ok":maybe}'  # unconstrained: as scripted
+    fmt = {"type": "json_schema", "json_schema": {"name": "unit", "schema": UNIT, "strict": True}}
+    got = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, response_format=fmt)
+    assert got.choices[0].finish_reason == "stop"
+    assert valid_unit(json.loads(got.choices[0].message.content)), got.choices[0].message.content
+    say(engine, llm, messages, '\n{"a":[1,2]} is the answer, and more prose.')
+    got = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=40,
+                                    response_format={"type": "json_object"})
+    assert got.choices[0].finish_reason == "stop"  # the object is complete: the answer ends there
+    assert json.loads(got.choices[0].message.content) == {"a": [1, 2]}
+    bad = httpx.post(base + "/v1/chat/completions", headers=AUTH, json={
+        "model": MODEL, "messages": messages,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}})
+    assert bad.status_code == 400, bad.text
+
+
+def test_tool_choice_required_and_named_give_calls_that_parse(scripted, llm: LLM) -> None:
+    base, engine = scripted
+    c = client(base)
+    messages = [{"role": "user", "content": "weather?"}]
+    say(engine, llm, messages, "\nI will not call anything.", TOOLS)
+    got = c.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="required",
+                                    max_tokens=40)
+    assert got.choices[0].finish_reason == "tool_calls"
+    (call,) = got.choices[0].message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert (call.function.name, valid_unit(args) if call.function.name == "get_weather" else args["hour"] in (6, 7, 8)
+            ) in {("get_weather", True), ("set_alarm", True)}
+    say(engine, llm, messages, '{"city":"Paris"}', TOOLS, prefix="get_weather\n")
+    got = c.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=40,
+                                    tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call,) = got.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and valid_unit(json.loads(call.function.arguments))

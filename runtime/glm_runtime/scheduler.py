@@ -123,6 +123,8 @@ class Sequence:
     prompt_logprobs: int | None = None
     output_logprobs: list[TokenLogprob] = field(default_factory=list, repr=False)
     prompt_logprob_values: list[TokenLogprob] = field(default_factory=list, repr=False)
+    #: Constrained decoding (:class:`glm_runtime.grammar.Constraint`): masks the logits before each sample.
+    constraint: Any = field(default=None, repr=False)
 
     @property
     def length(self) -> int:
@@ -157,6 +159,8 @@ class Stats:
     engine_errors: int = 0
     prefill_tokens: int = 0  # prompt tokens actually run through the engine
     shared_prefill_tokens: int = 0  # prompt tokens of n > 1 siblings taken from their leader's row
+    grammar_tokens: int = 0  # tokens sampled under a grammar mask
+    grammar_seconds: float = 0.0  # time computing and applying those masks
 
 
 class Scheduler:
@@ -547,6 +551,15 @@ class Scheduler:
         """Sample ``seq``'s next token, tell its listener; ``True`` when the sequence has ended."""
         assert seq.sampler is not None
         raw = logits[0].copy() if seq.logprobs is not None else None  # the sampler changes logits in place
+        if seq.constraint is not None:
+            t0 = time.perf_counter()
+            ok = seq.constraint.apply(logits[0])
+            self.stats.grammar_seconds += time.perf_counter() - t0
+            self.stats.grammar_tokens += 1
+            if not ok:
+                seq.error = f"the grammar allows no token here: {seq.constraint.error or 'dead end'}"
+                seq.finish_reason = "error"
+                return True
         tok = int(seq.sampler(logits)[0])
         if raw is not None:
             seq.output_logprobs += token_logprobs(raw[None], [tok], seq.logprobs or 0)
@@ -557,7 +570,10 @@ class Scheduler:
             seq.t_first_token = time.perf_counter()
             self.stats.ttft_seconds_sum += seq.t_first_token - seq.t_submit
             self.stats.ttft_count += 1
-        if tok in seq.stop_ids:
+        if seq.constraint is not None:
+            if not seq.constraint.consume(tok):  # cannot happen for a token the mask allowed
+                log.warning("grammar refused its own token %d: %s", tok, seq.constraint.error)
+        if tok in seq.stop_ids or (seq.constraint is not None and seq.constraint.done):
             seq.finish_reason = "stop"
         elif len(seq.output) >= seq.max_new_tokens:
             seq.finish_reason = "length"

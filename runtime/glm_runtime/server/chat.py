@@ -19,6 +19,7 @@ from glm_runtime.server.errors import APIError, client_error, error_body
 from glm_runtime.server.logprobs import TokenStrings, chat_entries, check_top, generated
 from glm_runtime.server.schemas import ChatBody
 from glm_runtime.server.streaming import DONE, event_stream, sse
+from glm_runtime.server.structured import constraints, response_format_grammar, tool_grammar
 
 
 async def chat_completions(ctx: ServerContext, request: Request) -> Response:
@@ -30,21 +31,23 @@ async def chat_completions(ctx: ServerContext, request: Request) -> Response:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     strings = TokenStrings(llm.tokenizer)
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise APIError(400, "response_format other than text is not supported (GLM-4 has no JSON mode "
-                            "here); describe the format in the prompt", param="response_format")
+    json_grammar = response_format_grammar(body.response_format)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is not None and max_tokens > settings.max_tokens_limit:
         raise APIError(400, f"max_completion_tokens {max_tokens} is over this server's limit of "
                             f"{settings.max_tokens_limit}", param="max_completion_tokens")
     try:
         tools, forced = resolve_tool_choice(body.tools, body.tool_choice)
+        grammar = tool_grammar(tools, body.tool_choice, forced) or json_grammar
+        # Constrained decoding: compiled in a worker thread (the first request builds llguidance's tokenizer).
+        make = await anyio.to_thread.run_sync(lambda: constraints(llm, grammar, body.n)) if grammar else None
         messages = [m.model_dump(exclude_unset=True) for m in body.messages]
         prompt = await anyio.to_thread.run_sync(lambda: ctx.chat_prompt(messages, tools, forced))
         spec = llm.request_spec(prompt, ctx.max_new(max_tokens, prompt, None), body.temperature, body.top_p,
                                 body.top_k, body.repetition_penalty, body.seed, body.stop)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        choices = ctx.sequences([spec], body.n, loop, queue, body.ignore_eos, tools, forced, logprobs)
+        choices = ctx.sequences([spec], body.n, loop, queue, body.ignore_eos, tools, forced, logprobs,
+                                constraint=make)
     except (ValueError, QueueFullError, SchedulerClosedError) as e:
         raise client_error(e) from None
     rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
