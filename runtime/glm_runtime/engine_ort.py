@@ -254,6 +254,20 @@ class OrtEngine:
             copy_device_rows(value.data_ptr(), cfg.num_kv_heads, cache.cache_len, cfg.head_dim * self.itemsize,
                              src, dst, length)
 
+    def step_all(self, cache: OrtKVCache, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """A step returning the logits of every input position, ``[batch, seq, vocab]`` (a new array): for
+        prompt logprobs. The cache's own logits buffer holds one position per row, so another is bound for this
+        call only."""
+        batch, seq = input_ids.shape
+        out = np.empty((batch, seq, self.config.vocab_size), np.float32)
+        index = np.ascontiguousarray(np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)))
+        cache.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
+        try:
+            self.step(cache, input_ids, position_ids, index)
+        finally:
+            cache.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(cache.logits))
+        return out
+
     # ---- slots to and from host memory (prefix caching) ----------------------------------------------
     def read_slots(self, cache: OrtKVCache, row: int, start: int, stop: int) -> np.ndarray:
         """Slots ``[start, stop)`` of ``row`` in every buffer: ``[2 x layers, kv_heads, n, head_dim]`` (on CUDA

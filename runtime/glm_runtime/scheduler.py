@@ -57,10 +57,15 @@ from glm_runtime.engine import (
     round_cache_len,
 )
 from glm_runtime.generator import DEFAULT_PREFILL_CHUNK, ContextLengthError
+from glm_runtime.logprobs import TokenLogprob, token_logprobs
 from glm_runtime.prefix_cache import Block, PrefixCache, SlotEngine
 from glm_runtime.sampling import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
+
+#: Prompt positions per prefill call when every position's logits are wanted (prompt logprobs): their
+#: ``[chunk, vocab]`` float32 logits are ~600 KB per position for GLM-4.
+SCORE_CHUNK = 128
 
 
 class QueueFullError(RuntimeError):
@@ -112,6 +117,14 @@ class Sequence:
     followers: list[Sequence] = field(default_factory=list)
     leader: Sequence | None = None
     chain: list[Block] = field(default_factory=list, repr=False)
+    #: ``logprobs``: top candidates to report per generated token (``None``: no logprobs); ``prompt_logprobs``:
+    #: the same for every prompt token after the first (needs logits at every prompt position: no prefix cache).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    output_logprobs: list[TokenLogprob] = field(default_factory=list, repr=False)
+    prompt_logprob_values: list[TokenLogprob] = field(default_factory=list, repr=False)
+    #: Constrained decoding (:class:`glm_runtime.grammar.Constraint`): masks the logits before each sample.
+    constraint: Any = field(default=None, repr=False)
 
     @property
     def length(self) -> int:
@@ -146,6 +159,8 @@ class Stats:
     engine_errors: int = 0
     prefill_tokens: int = 0  # prompt tokens actually run through the engine
     shared_prefill_tokens: int = 0  # prompt tokens of n > 1 siblings taken from their leader's row
+    grammar_tokens: int = 0  # tokens sampled under a grammar mask
+    grammar_seconds: float = 0.0  # time computing and applying those masks
 
 
 class Scheduler:
@@ -210,6 +225,9 @@ class Scheduler:
                 raise ValueError(f"the prompt has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
             if not isinstance(s.max_new_tokens, int) or s.max_new_tokens < 1:
                 raise ValueError(f"max_tokens must be a positive integer, got {s.max_new_tokens!r}")
+            if s.prompt_logprobs is not None and not hasattr(self.engine, "step_all"):
+                raise ValueError(f"prompt logprobs (echo with logprobs) need logits at every prompt position, which "
+                                 f"{type(self.engine).__name__} does not return; use the ONNX Runtime engine")
             if s.needed > self.max_cache_len:
                 raise ContextLengthError(
                     f"prompt ({len(s.prompt)} tokens) + max_tokens ({s.max_new_tokens}) = {s.needed} exceeds this "
@@ -328,7 +346,8 @@ class Scheduler:
             group = self._admit(budget)
             if not group:
                 break
-            if len(group) == 1 and len(group[0].prompt) - group[0].prefilled > self.prefill_chunk:
+            if len(group) == 1 and (len(group[0].prompt) - group[0].prefilled > self.prefill_chunk
+                                    or group[0].prompt_logprobs is not None):
                 self._prefilling = group[0]  # a long prompt: chunk by chunk, one row
                 budget -= self._prefill(group[0])
             else:
@@ -353,6 +372,7 @@ class Scheduler:
             rows = 1 + len(group[0].followers)
             width = self._remaining(group[0])
             while (self._queue and rows + 1 + len(self._queue[0].followers) <= free and width <= self.prefill_chunk
+                   and group[0].prompt_logprobs is None and self._queue[0].prompt_logprobs is None
                    and (len(group) + 1) * max(width, self._remaining(self._queue[0])) <= budget):
                 group.append(self._queue.popleft())
                 rows += 1 + len(group[-1].followers)
@@ -381,7 +401,7 @@ class Scheduler:
     def _remaining(self, seq: Sequence) -> int:
         """Prompt tokens ``seq`` must prefill: those after the longest prefix the cache holds (at least one, whose
         logits give the first token). Looked up again each time: blocks may have come or gone."""
-        if self.prefix is None:
+        if self.prefix is None or seq.prompt_logprobs is not None:
             return len(seq.prompt)
         seq.chain = self.prefix.match(seq.prompt)
         seq.cached = min(len(seq.chain) * self.prefix.block_tokens, len(seq.prompt) - 1)
@@ -427,11 +447,19 @@ class Scheduler:
         assert self.pool is not None
         view = self.engine.rows(self.pool, seq.row, seq.row + 1)
         c0 = seq.prefilled
-        c1 = min(len(seq.prompt), c0 + self.prefill_chunk)
+        scoring = seq.prompt_logprobs is not None
+        c1 = min(len(seq.prompt), c0 + (min(self.prefill_chunk, SCORE_CHUNK) if scoring else self.prefill_chunk))
         ids = np.asarray([seq.prompt[c0:c1]], np.int64)
         pos = np.arange(c0, c1, dtype=np.int64)[None]
-        index = np.asarray([[c1 - c0 - 1]], np.int64)
-        logits = self.engine.step(view, ids, pos, index)
+        if scoring:  # logits at every position: position t scores prompt token t + 1
+            every = self.engine.step_all(view, ids, pos)[0]  # type: ignore[attr-defined]
+            scored = min(c1, len(seq.prompt) - 1) - c0
+            seq.prompt_logprob_values += token_logprobs(every[:scored], seq.prompt[c0 + 1:c0 + 1 + scored],
+                                                        seq.prompt_logprobs or 0)
+            logits = every[-1:]
+        else:
+            index = np.asarray([[c1 - c0 - 1]], np.int64)
+            logits = self.engine.step(view, ids, pos, index)
         self.stats.prefill_calls += 1
         self.stats.prefill_tokens += c1 - c0
         seq.prefilled = c1
@@ -493,6 +521,7 @@ class Scheduler:
             f.row = len(self._active)
             self.engine.copy_rows(self.pool, leader.row, f.row, len(f.prompt))
             f.prefilled, f.cached, f.shared = len(f.prompt), leader.cached, True
+            f.prompt_logprob_values = leader.prompt_logprob_values
             self.stats.prompt_tokens += len(f.prompt)
             self.stats.shared_prefill_tokens += len(f.prompt)
             self._active.append(f)
@@ -521,7 +550,19 @@ class Scheduler:
     def _accept(self, seq: Sequence, logits: np.ndarray) -> bool:
         """Sample ``seq``'s next token, tell its listener; ``True`` when the sequence has ended."""
         assert seq.sampler is not None
+        raw = logits[0].copy() if seq.logprobs is not None else None  # the sampler changes logits in place
+        if seq.constraint is not None:
+            t0 = time.perf_counter()
+            ok = seq.constraint.apply(logits[0])
+            self.stats.grammar_seconds += time.perf_counter() - t0
+            self.stats.grammar_tokens += 1
+            if not ok:
+                seq.error = f"the grammar allows no token here: {seq.constraint.error or 'dead end'}"
+                seq.finish_reason = "error"
+                return True
         tok = int(seq.sampler(logits)[0])
+        if raw is not None:
+            seq.output_logprobs += token_logprobs(raw[None], [tok], seq.logprobs or 0)
         seq.sampler.observe(0, (tok,))
         seq.output.append(tok)
         self.stats.generated_tokens += 1
@@ -529,7 +570,10 @@ class Scheduler:
             seq.t_first_token = time.perf_counter()
             self.stats.ttft_seconds_sum += seq.t_first_token - seq.t_submit
             self.stats.ttft_count += 1
-        if tok in seq.stop_ids:
+        if seq.constraint is not None:
+            if not seq.constraint.consume(tok):  # cannot happen for a token the mask allowed
+                log.warning("grammar refused its own token %d: %s", tok, seq.constraint.error)
+        if tok in seq.stop_ids or (seq.constraint is not None and seq.constraint.done):
             seq.finish_reason = "stop"
         elif len(seq.output) >= seq.max_new_tokens:
             seq.finish_reason = "length"

@@ -11,7 +11,8 @@ from typing import Any
 from glm_runtime.scheduler import Scheduler
 
 #: Paths counted under their own name (anything else is "other": no unbounded label set from clients).
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize",
+          "/tokenizer_info")
 
 
 @dataclass
