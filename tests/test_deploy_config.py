@@ -67,6 +67,15 @@ def test_rayservice_runs_the_same_app_with_its_volumes() -> None:
         cpu = pod["containers"][0]["resources"]["limits"]["cpu"]
         assert float(cpu) >= float(group["rayStartParams"]["num-cpus"])
 
+    from glm_runtime.ray_proxy import CALLBACK
+
+    spec = service["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:  # every node runs a proxy (proxy_location: EveryNode)
+        for c in pod["containers"]:
+            env = {e["name"]: e["value"] for e in c.get("env", [])}
+            assert env.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") == CALLBACK, c["name"]
+
 
 def test_one_ray_version_everywhere() -> None:
     import ray
