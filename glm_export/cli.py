@@ -187,6 +187,10 @@ def build(
     accuracy_samples: Annotated[int, typer.Option(help="Held-out sequences for the accuracy report (0: skip).")]
     = 8,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
+    eval_text: Annotated[Path | None, typer.Option(help="Also measure held-out perplexity, KL and top-1 against the "
+                                                   "PyTorch checkpoint on this raw text (as glm-export eval) into "
+                                                   "the report.")] = None,
+    eval_ctx: Annotated[int, typer.Option(help="Window of --eval-text, in tokens.", min=2)] = 256,
 ) -> None:
     """Export, (quantize), build engines and validate: the whole pipeline into one artifact directory."""
     from glm_export.build import build_artifact
@@ -200,7 +204,8 @@ def build(
                          weight_zero_point=weight_zero_point, kv_cache=kv_cache_dtype.value,
                          int8_reduce_range=int8_reduce_range, accuracy_samples=accuracy_samples)
     build_artifact(model, out, precision.value, overwrite=overwrite, validate=validate,
-                   backend=backend.value if backend else None, engine=spec, quant=quant, resume=resume)
+                   backend=backend.value if backend else None, engine=spec, quant=quant, resume=resume,
+                   eval_text=eval_text, eval_ctx=eval_ctx)
 
 
 @app.command("engine")
