@@ -66,8 +66,12 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
                    validate: bool = True, quant: QuantOptions | None = None, backend: str | None = None,
                    engine: EngineSpec | None = None, resume: bool = True,
                    max_weight_abs: float | None = None, stream: bool | None = None,
-                   memory_check: bool = True) -> dict[str, Any]:
+                   memory_check: bool = True, eval_text: Path | None = None,
+                   eval_ctx: int = 256) -> dict[str, Any]:
     """The whole pipeline; ``backend=None`` picks one (and says which and why).
+
+    ``eval_text``: also measure held-out perplexity of the graph against the PyTorch checkpoint on this raw
+    text (:mod:`glm_export.evaluate`, windows of ``eval_ctx`` tokens) into report.json / report.md.
 
     ``resume``: reuse the steps an earlier, failed or interrupted build of the same output finished with the
     same inputs (:mod:`glm_export.resume`); ``False`` starts over. ``max_weight_abs``: also refuse weights of
@@ -95,6 +99,8 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
         except QuantizeError as e:
             raise BuildError(str(e)) from None
     model_dir = resolve_model(model)
+    if eval_text is not None and not Path(eval_text).is_file():
+        raise BuildError(f"--eval-text {eval_text} not found: pass a UTF-8 text file")
     cfg = Checkpoint(model_dir).config
     if spec is not None:
         spec.check(precision, cfg.max_position)
@@ -171,6 +177,10 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
                     manifest["cpu_tuning"] = cpu_tuning(quant)
             if validate:
                 report["validation"] = step("validate", lambda: validate_artifact(model_dir, tmp, precision))
+            if eval_text is not None:
+                current = "eval"
+                console.rule("eval: held-out perplexity against the PyTorch checkpoint", style="dim")
+                report["eval"] = eval_artifact(model_dir, tmp, manifest, Path(eval_text), eval_ctx)
             if spec is not None:
                 def engine_step() -> dict[str, Any]:
                     entry = build_engine(tmp, spec, precision, manifest["model"]["max_position"])
@@ -339,6 +349,20 @@ def validate_engine(artifact: Path, entry: dict[str, Any], manifest: dict[str, A
     return {"status": status, "prompts": list(VALIDATE_PROMPTS), "decode_steps": VALIDATE_DECODE, **result.to_dict()}
 
 
+def eval_artifact(model_dir: Path, artifact: Path, manifest: dict[str, Any], text: Path, ctx: int) -> dict[str, Any]:
+    """``glm-export eval`` of the staged graph (its manifest is not written yet) against the checkpoint."""
+    from glm_export.evaluate import EvalError, OrtScorer, TorchScorer, evaluate_ids, tokenize_text
+    from glm_runtime.manifest import model_config
+
+    try:
+        ids = tokenize_text(text, model_dir)
+        res = evaluate_ids(OrtScorer(artifact, cfg=model_config(manifest)), ids, ctx, TorchScorer(model_dir),
+                           text_name=str(text))
+    except EvalError as e:
+        raise BuildError(f"--eval-text: {e}") from None
+    return res.to_dict()
+
+
 def report_markdown(report: dict[str, Any], extra: str = "") -> str:
     lines = [f"# glm-export build report ({report['precision']})", ""]
     v = report.get("validation")
@@ -376,5 +400,9 @@ def report_markdown(report: dict[str, Any], extra: str = "") -> str:
             lines += ["", f"Engine validation: not run: {ev['reason']}."]
     if extra:
         lines += ["", extra.rstrip()]
+    if report.get("eval"):
+        from glm_export.evaluate import EvalResult, markdown
+
+        lines += ["", *markdown(EvalResult(**report["eval"]))]
     lines += ["", f"Build time: {report['build_s']} s.", ""]
     return "\n".join(lines)

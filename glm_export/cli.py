@@ -81,6 +81,17 @@ WEIGHT_ZERO_POINT_HELP = ("int4 zero points (asymmetric blocks): lower error, ~1
                           "not available for TensorRT (its DequantizeLinear takes none). Default: off.")
 
 
+class LMHead(str, Enum):
+    same = "same"
+    float = "float"
+    int8 = "int8"
+
+
+LM_HEAD_HELP = ("Output layer (lm_head) precision in a quantized artifact: same (as the rest), float (unquantized: "
+                "fp32 on ONNX Runtime, fp16 on TensorRT) or int8 (W8A8 per-channel, SmoothQuant; for int4 / fp8). "
+                "See docs/quantization.md for what each costs in accuracy, bytes and speed.")
+
+
 class KVCacheDType(str, Enum):
     model = "model"
     int8 = "int8"
@@ -191,6 +202,7 @@ def build(
     weight_clip: Annotated[WeightClip, typer.Option(help=WEIGHT_CLIP_HELP)] = WeightClip.mse,
     weight_zero_point: Annotated[bool | None, typer.Option(help=WEIGHT_ZERO_POINT_HELP, show_default=False)] = None,
     kv_cache_dtype: Annotated[KVCacheDType, typer.Option(help=KV_CACHE_HELP)] = KVCacheDType.model,
+    lm_head: Annotated[LMHead, typer.Option(help=LM_HEAD_HELP)] = LMHead.same,
     int8_reduce_range: Annotated[bool | None, typer.Option(
         "--int8-reduce-range/--int8-full-range", show_default=False,
         help="int8 weights in 7 bits (exact on every x86 CPU) or 8 bits (half the rounding error; needs a CPU with "
@@ -208,6 +220,10 @@ def build(
     skip_memory_check: Annotated[bool, typer.Option(
         help="Build even when the up-front estimate of peak RAM or disk (docs/memory.md) says it will not fit.")]
     = False,
+    eval_text: Annotated[Path | None, typer.Option(help="Also measure held-out perplexity, KL and top-1 against the "
+                                                   "PyTorch checkpoint on this raw text (as glm-export eval) into "
+                                                   "the report.")] = None,
+    eval_ctx: Annotated[int, typer.Option(help="Window of --eval-text, in tokens.", min=2)] = 256,
 ) -> None:
     """Export, (quantize), build engines and validate: the whole pipeline into one artifact directory."""
     from glm_export.build import build_artifact
@@ -218,11 +234,12 @@ def build(
     quant = QuantOptions(calibration=calibration, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                          smoothquant_alpha=smoothquant_alpha, weight_block=weight_block,
                          weight_method=weight_method.value, weight_clip=weight_clip.value,
-                         weight_zero_point=weight_zero_point, kv_cache=kv_cache_dtype.value,
+                         weight_zero_point=weight_zero_point, kv_cache=kv_cache_dtype.value, lm_head=lm_head.value,
                          int8_reduce_range=int8_reduce_range, accuracy_samples=accuracy_samples)
     build_artifact(model, out, precision.value, overwrite=overwrite, validate=validate,
                    backend=backend.value if backend else None, engine=spec, quant=quant, resume=resume,
-                   max_weight_abs=max_weight_abs, stream=stream, memory_check=not skip_memory_check)
+                   max_weight_abs=max_weight_abs, stream=stream, memory_check=not skip_memory_check,
+                   eval_text=eval_text, eval_ctx=eval_ctx)
 
 
 @app.command("engine")

@@ -63,12 +63,12 @@ def is_checkpoint(path: Path) -> bool:
 class OrtScorer:
     """``model.onnx`` of an artifact in plain ONNX Runtime on the CPU: one run per window, every position."""
 
-    def __init__(self, artifact: Path, threads: int | None = None) -> None:
+    def __init__(self, artifact: Path, threads: int | None = None, cfg: Any = None) -> None:
         from glm_export.accuracy import cache_dtype
         from glm_export.validate import OrtGraph
         from glm_runtime.manifest import model_config, read_manifest
 
-        self.cfg = model_config(read_manifest(artifact, verify="size"))
+        self.cfg = cfg if cfg is not None else model_config(read_manifest(artifact, verify="size"))
         self.graph = OrtGraph(artifact, threads=threads)
         self.cache_dtype = cache_dtype(self.graph)
         self.name = f"{artifact} (ONNX Runtime)"

@@ -125,3 +125,15 @@ def test_cli_json(tiny_artifact: Path, tiny_checkpoint: Path, text_file: Path) -
     assert data["top1_agreement"] is not None and data["mean_kl"] >= 0
     bad = CliRunner().invoke(app, ["eval", str(tiny_artifact), "--text", str(text_file), "--ctx", "100000"])
     assert bad.exit_code == 1 and "fewer than one window" in bad.output
+
+
+def test_build_eval_text_reports_the_same_numbers(tiny_checkpoint: Path, text_file: Path, tmp_path: Path) -> None:
+    from glm_export.build import build_artifact
+
+    out = tmp_path / "art"
+    build_artifact(tiny_checkpoint, out, "fp32", validate=False, eval_text=text_file, eval_ctx=CTX)
+    report = json.loads((out / "report.json").read_text())
+    again = evaluate(out, text_file, ctx=CTX, reference=tiny_checkpoint, progress=False)
+    assert report["eval"]["windows"] == again.windows
+    assert report["eval"]["ppl"] == pytest.approx(again.ppl, rel=1e-12)
+    assert "Held-out perplexity" in (out / "report.md").read_text()
