@@ -154,6 +154,7 @@ def test_streamed_artifact_equals_the_whole_model_path(precision: str, tiny_chec
     assert np.array_equal(b["embed.weight"].numpy().astype(np.float32), fp32)
 
 
+@pytest.mark.slow
 def test_streamed_accuracy_reference_equals_the_whole_model(tiny_checkpoint: Path, tiny_artifact: Path) -> None:
     """The layer-by-layer reference gives the numbers the float32 model gives (here on the unquantized graph,
     where both are float32 rounding away from zero)."""
