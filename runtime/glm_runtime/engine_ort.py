@@ -254,6 +254,46 @@ class OrtEngine:
             copy_device_rows(value.data_ptr(), cfg.num_kv_heads, cache.cache_len, cfg.head_dim * self.itemsize,
                              src, dst, length)
 
+    def step_all(self, cache: OrtKVCache, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """A step returning the logits of every input position, ``[batch, seq, vocab]`` (a new array): for
+        prompt logprobs. The cache's own logits buffer holds one position per row, so another is bound for this
+        call only."""
+        batch, seq = input_ids.shape
+        out = np.empty((batch, seq, self.config.vocab_size), np.float32)
+        index = np.ascontiguousarray(np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)))
+        cache.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
+        try:
+            self.step(cache, input_ids, position_ids, index)
+        finally:
+            cache.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(cache.logits))
+        return out
+
+    # ---- slots to and from host memory (prefix caching) ----------------------------------------------
+    def read_slots(self, cache: OrtKVCache, row: int, start: int, stop: int) -> np.ndarray:
+        """Slots ``[start, stop)`` of ``row`` in every buffer: ``[2 x layers, kv_heads, n, head_dim]`` (on CUDA
+        raw bytes ``[..., n, head_dim x itemsize]`` as uint8: the host copy is only ever written back)."""
+        if self.device == "cpu":
+            return np.stack([arr[row, :, start:stop] for arr in cache.arrays])
+        from glm_runtime.engine_trt import copy_slots_to_host
+
+        cfg = self.config
+        out = np.empty((len(cache.values), cfg.num_kv_heads, stop - start, cfg.head_dim * self.itemsize), np.uint8)
+        for i, value in enumerate(cache.values):
+            copy_slots_to_host(value.data_ptr(), cfg.num_kv_heads, cache.cache_len, row, start, out[i])
+        return out
+
+    def write_slots(self, cache: OrtKVCache, row: int, start: int, data: np.ndarray) -> None:
+        n = data.shape[2]
+        if self.device == "cpu":
+            for arr, block in zip(cache.arrays, data, strict=True):
+                arr[row, :, start:start + n] = block
+            return
+        from glm_runtime.engine_trt import copy_slots_from_host
+
+        cfg = self.config
+        for value, block in zip(cache.values, data, strict=True):
+            copy_slots_from_host(value.data_ptr(), cfg.num_kv_heads, cache.cache_len, row, start, block)
+
     def step(self, cache: OrtKVCache, input_ids: np.ndarray, position_ids: np.ndarray,  # type: ignore[override]
              logits_index: np.ndarray) -> np.ndarray:
         bound = cache.bound

@@ -14,6 +14,7 @@ from glm_runtime.server.errors import install_error_handlers
 from glm_runtime.server.limits import RequestSlots
 from glm_runtime.server.metrics import MetricsMiddleware, prometheus_text
 from glm_runtime.server.openapi import install_openapi
+from glm_runtime.server.tokenize import install_tokenize_routes
 
 
 def create_app(llm: LLM, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
@@ -50,6 +51,7 @@ def create_app(llm: LLM, scheduler: Scheduler, settings: ServerSettings) -> Fast
     async def text_completions(request: Request) -> Response:
         return await completions_endpoint(ctx, request)
 
+    install_tokenize_routes(app, ctx)
     app.add_middleware(MetricsMiddleware, counters=ctx.counters)
     slots = settings.limits.request_slots(scheduler.max_concurrency, scheduler.max_queue)
     app.add_middleware(RequestSlots, limit=slots)  # outermost: a refused request costs no body read

@@ -10,7 +10,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -156,7 +156,8 @@ class ServerContext:
 
     def sequences(self, specs: list[RequestSpec], n: int, loop: asyncio.AbstractEventLoop,
                   queue: asyncio.Queue[Any], ignore_eos: bool, tools: list[dict[str, Any]] | None = None,
-                  forced: str | None = None) -> list[Choice]:
+                  forced: str | None = None, logprobs: int | None = None,
+                  prompt_logprobs: int | None = None, constraint: Callable[[], Any] | None = None) -> list[Choice]:
         """One scheduler sequence per prompt x n, submitted together (all or none)."""
         self.check_sequences(len(specs), n)
         tool_set = None
@@ -175,7 +176,9 @@ class ServerContext:
                     text.assistant.mode = "tool"  # the metadata line naming the tool is already in the prompt
                 relay = Relay(loop, queue, index, text)
                 stop_ids = frozenset() if ignore_eos else frozenset(spec.stop_ids)
-                seq = Sequence(spec.prompt_ids, spec.max_new_tokens, params, stop_ids, relay)
+                seq = Sequence(spec.prompt_ids, spec.max_new_tokens, params, stop_ids, relay, logprobs=logprobs,
+                               prompt_logprobs=prompt_logprobs,
+                               constraint=constraint() if constraint is not None else None)
                 choices.append(Choice(index, seq, relay, tools=tools, forced=forced))
         self.scheduler.submit(*(c.seq for c in choices))
         return choices
@@ -211,7 +214,10 @@ class ServerContext:
 def usage(prompt_lengths: list[int], choices: list[Choice]) -> dict[str, int]:
     prompt = sum(prompt_lengths)
     completion = sum(len(c.seq.output) for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    # As OpenAI and vLLM: prompt tokens whose K/V were reused (prefix cache, or the first sibling of n > 1).
+    cached = sum(c.seq.cached for c in choices if not c.seq.shared)  # n > 1: the prompt counts once
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def failed(choices: list[Choice]) -> APIError | None:
