@@ -75,6 +75,15 @@ class ServerContext:
     async def read_body(self, request: Request, model: type[B]) -> B:
         """The authorized, size-bounded, type-checked body of a request for this server's model."""
         self.authorize(request)
+        raw = await self.read_bytes(request)
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as e:  # ValueError: also Python's 4300-digit integer limit
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        return self._validated(data, model)
+
+    async def read_bytes(self, request: Request) -> bytes:
+        """The raw body, bounded in size (413) and time (408); a client leaving mid-body is a quiet 499."""
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -94,10 +103,9 @@ class ServerContext:
         except ClientDisconnect:  # the client left mid-body: routine, not an error worth a traceback
             log.debug("client disconnected while sending the body of %s", request.url.path)
             raise APIError(499, "the client disconnected while sending the body", code="client_closed") from None
-        try:
-            data = json.loads(b"".join(chunks))
-        except (ValueError, RecursionError) as e:  # ValueError: also Python's 4300-digit integer limit
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        return b"".join(chunks)
+
+    def _validated(self, data: Any, model: type[B]) -> B:
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         try:

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from glm_runtime.server.schemas import ChatBody, CompletionBody
+from glm_runtime.server.tokenize import DetokenizeBody, TokenizeBody
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"],
@@ -55,6 +56,13 @@ MODELS = {"type": "object", "required": ["object", "data"], "properties": {
                                         "properties": {"id": {"type": "string"}, "object": {"const": "model"},
                                                        "max_model_len": {"type": "integer"}}}}}}
 
+TOKENIZED = {"type": "object", "required": ["count", "max_model_len", "tokens"], "properties": {
+    "count": {"type": "integer"}, "max_model_len": {"type": "integer"},
+    "tokens": {"type": "array", "items": {"type": "integer"}},
+    "token_strs": {"type": "array", "items": {"type": "string"}}}}
+
+DETOKENIZED = {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}}
+
 HEALTH = {"type": "object", "required": ["status"], "properties": {
     "status": {"type": "string"}, "running": {"type": "integer"}, "queued": {"type": "integer"}}}
 
@@ -79,7 +87,9 @@ def _errors(*codes: str) -> dict[str, Any]:
 def _body_schema(model: type[Any], components: dict[str, Any], model_name: str) -> dict[str, Any]:
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     components.update(schema.pop("$defs", {}))
-    schema["properties"]["model"] = {"type": "string", "enum": [model_name],
+    optional = "model" not in schema.get("required", [])
+    schema["properties"]["model"] = {"type": ["string", "null"] if optional else "string",
+                                     "enum": [model_name, None] if optional else [model_name],
                                      "description": "The served model (404 for any other)."}
     components[model.__name__] = schema
     return {"$ref": f"#/components/schemas/{model.__name__}"}
@@ -90,6 +100,9 @@ def openapi_document(title: str, version: str, model_name: str, with_key: bool) 
     components: dict[str, Any] = {}
     chat = _body_schema(ChatBody, components, model_name)
     completion = _body_schema(CompletionBody, components, model_name)
+    tokenize = _body_schema(TokenizeBody, components, model_name)
+    detokenize = _body_schema(DetokenizeBody, components, model_name)
+    token_errors = _errors("400", "401", "404", "408", "413", "499", "503")
     components["ChatMessage"]["properties"]["role"] = {"type": "string", "enum": list(CHAT_ROLES)}
     # One server-sent event: "data: <a chunk as JSON, an error body, or [DONE]>" (schema tools check each event).
     sse = {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
@@ -117,6 +130,17 @@ def openapi_document(title: str, version: str, model_name: str, with_key: bool) 
             "/health": {"get": {"summary": "Liveness (no key needed, answered under any load)", "security": [],
                                 "responses": {"200": _json(HEALTH, "Serving."),
                                               "503": _json(HEALTH, "The engine stopped.")}}},
+            "/tokenize": {"post": {
+                "summary": "Prompt ids as this server makes them (vLLM's shape)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": tokenize}}},
+                "responses": {"200": _json(TOKENIZED, "The ids."), **token_errors}}},
+            "/detokenize": {"post": {
+                "summary": "Text of token ids",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": detokenize}}},
+                "responses": {"200": _json(DETOKENIZED, "The text."), **token_errors}}},
+            "/tokenizer_info": {"get": {"summary": "The tokenizer's special tokens and chat template",
+                                        "responses": {"200": _json({"type": "object"}, "Tokenizer facts."),
+                                                      **_errors("400", "401", "503")}}},
             "/metrics": {"get": {"summary": "Prometheus metrics",
                                  "responses": {"200": {"description": "Text exposition format.",
                                                        "content": {"text/plain": {"schema": {"type": "string"}}}},

@@ -49,9 +49,7 @@ def install_tokenize_routes(app: FastAPI, ctx: ServerContext) -> None:
     async def body_of(request: Request, model: type[BaseModel]) -> Any:
         # read_body checks the key, the size bound and the model name; here a model name is optional.
         ctx.authorize(request)
-        raw = await request.body()
-        if len(raw) > ctx.settings.max_body_bytes:
-            raise APIError(413, f"request body over {ctx.settings.max_body_bytes} bytes", code="request_too_large")
+        raw = await ctx.read_bytes(request)  # bounded in size and time, like the generation endpoints' bodies
         try:
             body = model.model_validate_json(raw or b"{}")
         except ValueError as e:
