@@ -342,7 +342,7 @@ def serve(
     artifact: Artifact,
     host: Annotated[str, typer.Option(help="Address to listen on. Loopback by default: exposing the server is an "
                                            "explicit choice (then use --api-key-file).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
     api_key_file: Annotated[Path | None, typer.Option(help="File holding the API key clients must send as "
                                                            "'Authorization: Bearer KEY'.")] = None,
     max_concurrency: Annotated[int, typer.Option(help="Sequences decoded together (rows of the KV pool).")] = 8,
@@ -356,6 +356,15 @@ def serve(
                                                         "directory's name).")] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on "
                                                          "SIGTERM/SIGINT before they are cancelled.")] = 30.0,
+    max_connections: Annotated[int | None, typer.Option(help="Open connections (default: up to 1000, as the "
+                                                              "open-files limit allows); past it idle ones are "
+                                                              "closed first.")] = None,
+    head_timeout: Annotated[float, typer.Option(help="Seconds a connection has to send a complete request head "
+                                                     "(after connecting or after its previous response).")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="Seconds a request has to send its whole body (HTTP 408 "
+                                                     "beyond).")] = 30.0,
+    send_timeout: Annotated[float, typer.Option(help="Seconds writes to a client may stay blocked (it stopped "
+                                                     "reading) before it is disconnected.")] = 60.0,
     threads: Threads = None,
     provider: Provider = None,
     verify: VerifyOpt = Verify.hash,
@@ -373,6 +382,10 @@ def serve(
                                                          "one) instead of starting Ray here.")] = None,
     replica_cpus: Annotated[float | None, typer.Option(help="With --ray: CPUs Ray reserves per replica "
                                                             "(default: --threads, else 1).")] = None,
+    prefix_cache_gb: Annotated[float | None, typer.Option(
+        help="Bound of the automatic prefix cache (K/V of earlier requests' prompts and answers, reused by any "
+             "request that starts with the same tokens); 0 turns it off. Default: what the KV budget leaves "
+             "beside the pool.")] = None,
 ) -> None:
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)
     with continuous batching. Stops gracefully on SIGTERM."""
@@ -392,9 +405,14 @@ def serve(
     llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb)
     scheduler = Scheduler(llm.engine, max_concurrency=max_concurrency, max_queue=max_queue,
                           prefill_chunk=prefill_chunk, kv_budget_bytes=llm.generator.kv_budget_bytes,
-                          max_cache_len=max_model_len)
+                          max_cache_len=max_model_len,
+                          prefix_cache_bytes=int(prefix_cache_gb * 1e9) if prefix_cache_gb is not None else None)
     name = model_name or artifact.resolve().name
-    settings = server.ServerSettings(name, key, max_body_bytes, max_tokens_limit)
+    if min(head_timeout, body_timeout, send_timeout) <= 0 or (max_connections is not None and max_connections < 1):
+        raise ValueError("--head-timeout, --body-timeout and --send-timeout must be > 0 s and --max-connections >= 1")
+    limits = server.Limits(head_timeout=head_timeout, body_timeout=body_timeout, send_timeout=send_timeout,
+                           max_connections=max_connections)
+    settings = server.ServerSettings(name, key, max_body_bytes, max_tokens_limit, limits=limits)
     console.print(f"serving [bold]{escape(name)}[/] on http://{host}:{port}/v1 ({max_concurrency} concurrent "
                   f"sequences, up to {scheduler.max_cache_len} tokens each; {scheduler.plan.arithmetic()})",
                   soft_wrap=True)
