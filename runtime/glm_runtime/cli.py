@@ -392,7 +392,8 @@ def serve(
     if ray:
         _serve_ray(artifact, host, port, api_key_file, max_concurrency, max_queue, max_model_len, max_tokens_limit,
                    max_body_bytes, model_name, shutdown_timeout, threads, provider, verify, prefill_chunk,
-                   kv_budget_gb, replicas, autoscale, router, ray_address, replica_cpus)
+                   kv_budget_gb, replicas, autoscale, router, ray_address, replica_cpus, prefix_cache_gb,
+                   body_timeout)
         return
     try:
         from glm_runtime import server
@@ -423,8 +424,11 @@ def _serve_ray(artifact: Path, host: str, port: int, api_key_file: Path | None, 
                max_model_len: int | None, max_tokens_limit: int, max_body_bytes: int, model_name: str | None,
                shutdown_timeout: float, threads: int | None, provider: list[str] | None, verify: Verify,
                prefill_chunk: int, kv_budget_gb: float | None, replicas: int, autoscale: str | None, router: str,
-               ray_address: str | None, replica_cpus: float | None) -> None:
-    """``serve --ray``: the same app on Ray Serve (glm_runtime.ray_app, imported only here: ray is optional)."""
+               ray_address: str | None, replica_cpus: float | None, prefix_cache_gb: float | None,
+               body_timeout: float) -> None:
+    """``serve --ray``: the same app on Ray Serve (glm_runtime.ray_app, imported only here: ray is optional).
+    The connection-level options (--max-connections, --head-timeout, --send-timeout) are Ray's proxy's there
+    (docs/reliability.md); the in-app ones (--body-timeout, request slots) hold in every replica."""
     try:
         from glm_runtime import ray_app
     except ImportError as e:
@@ -440,7 +444,7 @@ def _serve_ray(artifact: Path, host: str, port: int, api_key_file: Path | None, 
     cfg = ray_app.ReplicaConfig(str(artifact.resolve()), model_name or artifact.resolve().name,
                                 str(api_key_file.resolve()) if api_key_file is not None else None, max_concurrency,
                                 max_queue, max_model_len, max_tokens_limit, max_body_bytes, threads, provider,
-                                verify.value, prefill_chunk, kv_budget_gb)
+                                verify.value, prefill_chunk, kv_budget_gb, prefix_cache_gb, body_timeout)
     scale = ray_app.parse_autoscale(autoscale)
     ray_app.deployment_options(cfg, replicas, scale, router)  # bad flags fail before Ray starts
     what = f"{scale[0]}-{scale[1]} replicas (autoscaled)" if scale else f"{replicas} replica(s)"

@@ -71,8 +71,10 @@ class ReplicaConfig:
     verify: str = "hash"
     prefill_chunk: int = 512
     kv_budget_gb: float | None = None
-    #: The scheduler's prefix cache bound (``serve --prefix-cache-gb``); None: the scheduler's default.
+    #: The scheduler's prefix cache bound (``serve --prefix-cache-gb``; 0 = off); None: the scheduler's default.
     prefix_cache_gb: float | None = None
+    #: Seconds a request has to send its whole body (``serve --body-timeout``; HTTP 408 beyond).
+    body_timeout: float = 30.0
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ReplicaConfig:
@@ -118,7 +120,7 @@ class GLMReplica:
 
     def __init__(self, config: dict[str, Any]) -> None:
         from glm_runtime.api import load
-        from glm_runtime.server import ServerSettings, read_api_key
+        from glm_runtime.server import Limits, ServerSettings, read_api_key
 
         cfg = ReplicaConfig(**config)
         self.config = cfg
@@ -126,12 +128,15 @@ class GLMReplica:
         budget = int(cfg.kv_budget_gb * 1e9) if cfg.kv_budget_gb is not None else None
         self.llm = load(cfg.artifact, providers=cfg.providers, threads=cfg.threads, verify=cfg.verify,
                         prefill_chunk=cfg.prefill_chunk, kv_budget_bytes=budget)
-        extra = {} if cfg.prefix_cache_gb is None else {"prefix_cache_bytes": int(cfg.prefix_cache_gb * 1e9)}
+        prefix = int(cfg.prefix_cache_gb * 1e9) if cfg.prefix_cache_gb is not None else None
         self.scheduler = Scheduler(self.llm.engine, max_concurrency=cfg.max_concurrency, max_queue=cfg.max_queue,
                                    prefill_chunk=cfg.prefill_chunk, kv_budget_bytes=self.llm.generator.kv_budget_bytes,
-                                   max_cache_len=cfg.max_model_len, **extra)
+                                   max_cache_len=cfg.max_model_len, prefix_cache_bytes=prefix)
         name = cfg.model_name or os.path.basename(os.path.normpath(cfg.artifact))
-        self.settings = ServerSettings(name, key, cfg.max_body_bytes, cfg.max_tokens_limit)
+        # Connection-level limits (head / send deadlines, connection count) are Serve's proxy's: it owns the
+        # sockets. The body deadline and the request slots act inside the app, as in the single server.
+        self.settings = ServerSettings(name, key, cfg.max_body_bytes, cfg.max_tokens_limit,
+                                       limits=Limits(body_timeout=cfg.body_timeout))
         self._progress = -1
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
