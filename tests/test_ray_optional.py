@@ -78,6 +78,8 @@ def test_app_builder_parses_serve_run_arguments() -> None:
                                            "providers": "CPUExecutionProvider", "model_name": "none"})
     assert (cfg.max_concurrency, cfg.kv_budget_gb, cfg.providers, cfg.model_name) == (
         3, 1.5, ["CPUExecutionProvider"], None)
+    relative = ray_app.ReplicaConfig.from_args({"artifact": "out", "api_key_file": "key.txt"})
+    assert relative.artifact == str(Path.cwd() / "out") and relative.api_key_file == str(Path.cwd() / "key.txt")
     with pytest.raises(ValueError, match="unknown replica option"):
         ray_app.ReplicaConfig.from_args({"artifact": "/a", "max_concurency": "3"})
     with pytest.raises(ValueError, match="artifact=PATH"):

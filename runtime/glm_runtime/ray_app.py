@@ -97,6 +97,9 @@ class ReplicaConfig:
             elif isinstance(value, str) and kind.startswith("list"):
                 value = [p for p in value.split(",") if p]
             out[name] = value
+        for name in ("artifact", "api_key_file"):  # replicas may run in another directory: make paths absolute
+            if out.get(name):
+                out[name] = os.path.abspath(out[name])
         return cls(**out)
 
 
