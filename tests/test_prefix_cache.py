@@ -156,3 +156,20 @@ def test_block_store_evicts_least_recently_used_leaves_first() -> None:
     np.testing.assert_array_equal(eng.kv[1, 0, 0, :10, 0], np.arange(10))
     cache.set_capacity(block_bytes)
     assert st.bytes <= block_bytes and len(cache.match(c)) <= 1
+
+
+def test_grouped_rows_with_different_cached_offsets_fit_the_pool(llm: LLM) -> None:
+    """A row with a long cached prefix and a short rest, prefilled in one call beside a fresh row with a long
+    prompt: each row writes the group's padded width from its own offset, so the pool must reach the largest
+    offset + width (found under Ray Serve's default router: TensorScatter refused 720 + 219 > 896)."""
+    long = prompt(600, 11)
+    sched = Scheduler(llm.engine, max_concurrency=2, prefill_chunk=512, kv_budget_bytes=1 << 30)
+    try:
+        assert run(sched, Sequence(long, 4, GREEDY))  # caches the long prompt's whole blocks; pool ~640 slots
+        specs = [(long + prompt(8, 12), 4), (prompt(200, 13), 4)]
+        seqs = [Sequence(p, n, GREEDY) for p, n in specs]
+        assert run(sched, *seqs) == [alone(llm, p, n) for p, n in specs]
+        assert seqs[0].cached >= 592 and seqs[1].cached == 0
+        assert sched.stats.finished.get("error", 0) == 0
+    finally:
+        sched.close()

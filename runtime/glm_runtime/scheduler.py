@@ -371,15 +371,22 @@ class Scheduler:
             group = [self._queue.popleft()]
             rows = 1 + len(group[0].followers)
             width = self._remaining(group[0])
+            # Each row of a group writes the group's padded width of slots from its own cached offset, so the
+            # rows need cache_len >= (largest offset) + width: a row with a long cached prefix and a short rest
+            # beside one with a long rest would otherwise write past the pool (TensorScatter refuses it).
+            offset = group[0].cached
             while (self._queue and rows + 1 + len(self._queue[0].followers) <= free and width <= self.prefill_chunk
-                   and group[0].prompt_logprobs is None and self._queue[0].prompt_logprobs is None
-                   and (len(group) + 1) * max(width, self._remaining(self._queue[0])) <= budget):
+                   and group[0].prompt_logprobs is None and self._queue[0].prompt_logprobs is None):
+                grown = max(width, self._remaining(self._queue[0]))
+                reach = max(offset, self._queue[0].cached) + grown
+                if (len(group) + 1) * grown > budget or reach > self.max_cache_len:
+                    break
                 group.append(self._queue.popleft())
                 rows += 1 + len(group[-1].followers)
-                width = max(width, self._remaining(group[-1]))
+                width, offset = grown, max(offset, group[-1].cached)
         # Out of the queue, not yet in a row: the error path must still end them.
         self._admitted = [f for s in group for f in (s, *s.followers)]
-        needed = max(s.needed for s in [*self._active, *group])
+        needed = max(max(s.needed for s in [*self._active, *group]), offset + width if len(group) > 1 else 0)
         if self.pool is None:
             self.pool = self.engine.allocate(self.max_concurrency, round_cache_len(needed, self.max_cache_len))
             self._replan()
