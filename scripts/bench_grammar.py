@@ -21,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def bench_llguidance(tokenizer_json: str, schema: dict[str, Any], steps: int, rn
     t0 = time.perf_counter()
     lltok = llg.LLTokenizer(tokenizer_json, n_vocab=VOCAB, eos_token=STOP_IDS)
     t_tok = time.perf_counter() - t0
-    out: dict[str, Any] = {"library": f"llguidance {llg.__version__}", "tokenizer_s": t_tok}
+    out: dict[str, Any] = {"library": f"llguidance {version('llguidance')}", "tokenizer_s": t_tok}
     t0 = time.perf_counter()
     grammar = llg.LLMatcher.grammar_from_lark(f"start: %json {json.dumps(lark_schema)}\n")
     matcher = llg.LLMatcher(lltok, grammar, log_level=0)
@@ -128,13 +129,12 @@ def bench_xgrammar(tokenizer_dir: Path, schema: dict[str, Any], steps: int, rng:
         if matcher.is_terminated() or token in STOP_IDS:
             matcher.reset()
     del torch
-    return {"library": f"xgrammar {xgr.__version__}", "tokenizer_s": t_tok, "compile_s": t_compile,
+    return {"library": f"xgrammar {version('xgrammar')}", "tokenizer_s": t_tok, "compile_s": t_compile,
             "mask": summary(masks), "advance": summary(advances)}
 
 
 def bench_outlines(tokenizer_dir: Path, schema: dict[str, Any], steps: int, rng: np.random.Generator
                    ) -> dict[str, Any]:
-    import outlines_core
     from outlines_core import Guide, Index, Vocabulary
     from outlines_core.json_schema import build_regex_from_schema
     from tokenizers import Tokenizer
@@ -162,7 +162,7 @@ def bench_outlines(tokenizer_dir: Path, schema: dict[str, Any], steps: int, rng:
         advances.append(time.perf_counter() - t0)
         if guide.is_finished() or token == STOP_IDS[0]:
             guide = Guide(index)
-    return {"library": f"outlines-core {getattr(outlines_core, '__version__', '?')}", "tokenizer_s": t_tok,
+    return {"library": f"outlines-core {version('outlines-core')}", "tokenizer_s": t_tok,
             "compile_s": t_compile, "mask": summary(masks), "advance": summary(advances)}
 
 
