@@ -171,40 +171,87 @@ def logit_rows(n: int, vocab_size: int) -> int:
     return min(n, max(1, (1 << 24) // vocab_size))
 
 
+def row_picks(lengths: Sequence[int], modules: Sequence[str], vocab_size: int, seed: int = 0
+              ) -> dict[str, list[torch.Tensor]]:
+    """Which input rows each module keeps from each sequence, drawn up front.
+
+    The draws replay the order a whole-model forward fires the hooks in (per sequence: every layer's qkv,
+    o_proj, gate_up, down, then lm_head), so a layer-by-layer run keeps exactly the rows the whole-model run
+    keeps (and both keep the rows this code kept before it streamed).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = max(1, ROWS_KEPT // max(len(lengths), 1) + 1)
+    picks: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+    for n in lengths:
+        for m in modules:
+            rows = logit_rows(n, vocab_size) if m == "lm_head.weight" else n
+            picks[m].append(torch.randint(0, rows, (min(per_seq, rows),), generator=gen))
+    return picks
+
+
+def module_order(num_layers: int) -> list[str]:
+    """The quantized modules in the order a forward pass reaches them."""
+    return [f"layers.{i}.{m}.weight" for i in range(num_layers) for m in ("qkv", "o_proj", "gate_up", "down")] + [
+        "lm_head.weight"]
+
+
+class Recorder:
+    """Accumulates :class:`ModuleStats` from hooked ``Linear`` inputs; ``seq`` says which sequence is running."""
+
+    def __init__(self, picks: dict[str, list[torch.Tensor]]) -> None:
+        self.picks = picks
+        self.stats: dict[str, ModuleStats] = {}
+        self.seq = 0
+        self.kv: dict[str, float] = {}
+        self.kv_ch: dict[str, torch.Tensor] = {}
+
+    def record(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        a = x.abs()
+        s = self.stats.get(name)
+        if s is None:
+            s = self.stats[name] = ModuleStats(torch.zeros(x.shape[1]), torch.zeros(x.shape[1], dtype=torch.float64))
+        torch.maximum(s.absmax, a.amax(0), out=s.absmax)
+        s.abssum += a.sum(0, dtype=torch.float64)
+        s.count += x.shape[0]
+        s.rows.append(x[self.picks[name][self.seq]].clone())
+        if sum(r.shape[0] for r in s.rows) > 2 * ROWS_KEPT:
+            s.rows = [torch.cat(s.rows)[-ROWS_KEPT:]]
+
+    def hook(self, name: str) -> Any:
+        def fn(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            self.record(name, args[0])
+        return fn
+
+    def cache(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for kind, t in (("key", k), ("value", v)):
+            name = f"past_{kind}_{layer}"
+            self.kv[name] = max(self.kv.get(name, 0.0), float(t.abs().max()))
+            ch = t.abs().amax(dim=(0, 2)).reshape(-1).float()
+            self.kv_ch[name] = torch.maximum(self.kv_ch[name], ch) if name in self.kv_ch else ch
+
+    def finish(self, tokens: int, note: str) -> Stats:
+        for s in self.stats.values():
+            s.rows = [s.sample_rows()]
+        kv = {f"past_{kind}_{i}": self.kv[f"past_{kind}_{i}"]
+              for i in range(len(self.kv) // 2) for kind in ("key", "value")}  # the whole model's order
+        return Stats(self.stats, kv, tokens, note, self.kv_ch)
+
+
 def collect(model: torch.nn.Module, sequences: Sequence[Sequence[int]], note: str = "", seed: int = 0) -> Stats:
     """Run every sequence through the model once (prefill, batch 1) with hooks on every ``Linear`` input."""
     from glm_export.model import Linear
 
-    stats: dict[str, ModuleStats] = {}
-    gen = torch.Generator().manual_seed(seed)
-    per_seq = max(1, ROWS_KEPT // max(len(sequences), 1) + 1)
-
-    def hook(name: str):
-        def fn(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            a = x.abs()
-            s = stats.get(name)
-            if s is None:
-                s = stats[name] = ModuleStats(torch.zeros(x.shape[1]), torch.zeros(x.shape[1], dtype=torch.float64))
-            torch.maximum(s.absmax, a.amax(0), out=s.absmax)
-            s.abssum += a.sum(0, dtype=torch.float64)
-            s.count += x.shape[0]
-            pick = torch.randint(0, x.shape[0], (min(per_seq, x.shape[0]),), generator=gen)
-            s.rows.append(x[pick].clone())
-            if sum(r.shape[0] for r in s.rows) > 2 * ROWS_KEPT:
-                s.rows = [torch.cat(s.rows)[-ROWS_KEPT:]]
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(f"{n}.weight")) for n, m in model.named_modules()
-               if isinstance(m, Linear)]
     cfg = model.cfg  # type: ignore[attr-defined]
-    kv: dict[str, float] = {}
-    kv_ch: dict[str, torch.Tensor] = {}
+    rec = Recorder(row_picks([len(s) for s in sequences], module_order(cfg.num_layers), cfg.vocab_size, seed))
+    handles = [m.register_forward_pre_hook(rec.hook(f"{n}.weight")) for n, m in model.named_modules()
+               if isinstance(m, Linear)]
     tokens = 0
     try:
         with torch.no_grad(), count_progress() as progress:
             task = progress.add_task("calibrating", total=len(sequences))
-            for seq in sequences:
+            for s, seq in enumerate(sequences):
+                rec.seq = s
                 ids = torch.tensor([list(seq)], dtype=torch.int64)
                 n = ids.shape[1]
                 pos = torch.arange(n).view(1, n)
@@ -213,17 +260,54 @@ def collect(model: torch.nn.Module, sequences: Sequence[Sequence[int]], note: st
                 k = logit_rows(n, cfg.vocab_size)
                 model(ids, pos, torch.arange(n - k, n).view(1, k), *cache)
                 for i in range(cfg.num_layers):
-                    for j, kind in enumerate(("key", "value")):
-                        name = f"past_{kind}_{i}"
-                        kv[name] = max(kv.get(name, 0.0), float(cache[2 * i + j].abs().max()))
-                        ch = cache[2 * i + j].abs().amax(dim=(0, 2)).reshape(-1).float()
-                        kv_ch[name] = torch.maximum(kv_ch[name], ch) if name in kv_ch else ch
+                    rec.cache(i, cache[2 * i], cache[2 * i + 1])
                 tokens += n
                 progress.advance(task)
     finally:
         for h in handles:
             h.remove()
-    for s in stats.values():
-        s.rows = [s.sample_rows()]
     console.print(f"calibrated on {len(sequences)} sequences, {tokens} tokens")
-    return Stats(stats, kv, tokens, note, kv_ch)
+    return rec.finish(tokens, note)
+
+
+def collect_streamed(ckpt: Any, sequences: Sequence[Sequence[int]], note: str = "", seed: int = 0) -> Stats:
+    """:func:`collect`, one decoder layer in memory at a time (:mod:`glm_export.layerwise`): the same numbers.
+
+    The output layer is never loaded: calibration needs only its input (the final norm of the last positions).
+    """
+    from glm_export import layerwise
+    from glm_export.model import Linear
+
+    cfg = ckpt.config
+    rec = Recorder(row_picks([len(s) for s in sequences], module_order(cfg.num_layers), cfg.vocab_size, seed))
+    hidden = [layerwise.embed(ckpt, seq) for seq in sequences]
+
+    def before(i: int, layer: torch.nn.Module) -> Any:
+        handles = []
+        for n, m in layer.named_modules():
+            if isinstance(m, Linear):
+                name = f"layers.{i}.{n}.weight"
+
+                def fn(module: torch.nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
+                    rec.record(name, args[0])
+                handles.append(m.register_forward_pre_hook(fn))
+
+        def undo() -> None:
+            for h in handles:
+                h.remove()
+        return undo
+
+    def before_seq(s: int) -> None:
+        rec.seq = s
+
+    with count_progress() as progress:
+        task = progress.add_task("calibrating (layer by layer)", total=cfg.num_layers)
+        hidden = layerwise.run_layers(ckpt, hidden, before, lambda i, s, k, v: rec.cache(i, k, v), before_seq,
+                                      progress=lambda: progress.advance(task))
+    for s, x in enumerate(hidden):
+        rec.seq = s
+        k = logit_rows(x.shape[1], cfg.vocab_size)
+        rec.record("lm_head.weight", layerwise.final_norm(ckpt, x[:, -k:]))
+    tokens = sum(len(s) for s in sequences)
+    console.print(f"calibrated on {len(sequences)} sequences, {tokens} tokens, layer by layer")
+    return rec.finish(tokens, note)

@@ -58,6 +58,7 @@ WEIGHT_METHODS = ("rtn", "awq")
 BLOCK_SIZES = (32, 64, 128)
 KV_CACHE_CHOICES = quant_kv.KV_CACHE_DTYPES
 INT4_FORMATS = ("nbits", "qdq")
+LM_HEAD_CHOICES = ("same", "float", "int8")
 FP8_MAX = 448.0
 AWQ_GRID = 20
 
@@ -84,7 +85,10 @@ class QuantOptions:
     weight_zero_point: bool | None = None
     kv_cache: str = "model"  # "model" (graph dtype) or "int8" (static per-tensor scales, ONNX Runtime; quant_kv.py)
     int4_format: str = "nbits"  # "nbits" (ORT MatMulNBits) or "qdq" (blocked DequantizeLinear, TensorRT)
-    quantize_lm_head: bool = True
+    # Output layer: "same" (the artifact's precision and method), "float" (left in the graph's float type: fp32 on
+    # ONNX Runtime, fp16 for TensorRT) or "int8" (W8A8 per-channel with SmoothQuant, as --precision int8, inside an
+    # int4 / fp8 artifact). Its error reaches every logit directly; llama.cpp keeps it at 6 bits in Q4_K_M.
+    lm_head: str = "same"
     # int8 weights in [-63, 63] (ORT's reduce_range) or the full [-127, 127]. None: chosen for the build host
     # (resolve_host_options). ONNX Runtime's x86 int8 kernels without an int8 dot product (AVX2 only) add u8*s8
     # pairs in int16 and saturate with full-range weights (measured: 0.3 abs error on a 200-deep dot product, exact
@@ -157,6 +161,10 @@ def check_options(precision: str, options: QuantOptions) -> None:
         raise QuantizeError("int4 zero points (--weight-zero-point) do not work on TensorRT: its DequantizeLinear "
                             "accepts only zero-valued zero points. Use --no-weight-zero-point (symmetric blocks) "
                             "for TensorRT backends")
+    if options.lm_head not in LM_HEAD_CHOICES:
+        raise QuantizeError(f"--lm-head {options.lm_head!r}: choose one of {LM_HEAD_CHOICES}")
+    if options.lm_head == "int8" and precision == "int8":
+        raise QuantizeError("--lm-head int8 is what --precision int8 does already: use --lm-head same")
     if options.kv_cache not in KV_CACHE_CHOICES:
         raise QuantizeError(f"--kv-cache-dtype {options.kv_cache!r}: choose one of {KV_CACHE_CHOICES} ('model' keeps "
                             f"the graph's float type)")
@@ -319,7 +327,12 @@ class Weights:
 
 def targets(cfg: Any, options: QuantOptions) -> list[str]:
     names = [f"layers.{i}.{m}.weight" for i in range(cfg.num_layers) for m in ("qkv", "o_proj", "gate_up", "down")]
-    return names + (["lm_head.weight"] if options.quantize_lm_head else [])
+    return names + (["lm_head.weight"] if options.lm_head != "float" else [])
+
+
+def module_precision(name: str, precision: str, options: QuantOptions) -> str:
+    """The precision one MatMul gets: the artifact's, except an int8 output layer (``lm_head="int8"``)."""
+    return "int8" if name == "lm_head.weight" and options.lm_head == "int8" else precision
 
 
 # ---- graph edits ---------------------------------------------------------------------------------------------------
@@ -413,12 +426,25 @@ def quantize_graph(model: ir.Model, cfg: Any, precision: str, options: QuantOpti
     """Edit ``model`` in memory; return per-layer details for the report."""
     w = Weights(model.graph, cfg)
     rw = Rewriter(model)
+    layers = quantize_names([n for n in targets(cfg, options) if n in rw.users], w, rw, precision, options, stats)
+    if options.kv_cache != "model":
+        layers["kv_cache"] = quant_kv.quantize_cache(model, kv_ranges(stats, w.v_scales))
+    return layers
+
+
+def quantize_names(names: list[str], w: Weights, rw: Rewriter, artifact_precision: str, options: QuantOptions,
+                   stats: Stats) -> dict[str, Any]:
+    """Quantize the MatMuls ``names`` and write back every tensor their folds edited; per-module details.
+
+    The folds of a decoder layer's modules edit only that layer's tensors (and lm_head's the final norm), so
+    calling this once per layer (:mod:`glm_export.stream_quant`) computes what one call over all names does.
+    """
     layers: dict[str, Any] = {}
-    names = [n for n in targets(cfg, options) if n in rw.users]
     rows: dict[str, np.ndarray] = {}  # int4: each MatMul's sampled input rows, as the folded graph feeds them
     for name in names:
         st = stats.modules[name]
         amax = st.absmax.numpy().astype(np.float32)
+        precision = module_precision(name, artifact_precision, options)
         tie = w.tie(name)
         info: dict[str, Any] = {}
         if precision == "int8" and options.smoothquant_alpha > 0:
@@ -438,6 +464,7 @@ def quantize_graph(model: ir.Model, cfg: Any, precision: str, options: QuantOpti
             info["act_absmax"] = round(float(amax.max()), 4)
         layers[name] = info
     for name in names:  # after all folding: a later module's fold may edit an earlier weight's columns
+        precision = module_precision(name, artifact_precision, options)
         if precision == "int4":
             x = rows.pop(name)
             zp = int4_zero_point(options)
@@ -454,9 +481,43 @@ def quantize_graph(model: ir.Model, cfg: Any, precision: str, options: QuantOpti
         w.arrays.pop(name)
     for name, array in w.arrays.items():  # norms and the qkv bias that absorbed scales
         rw.replace(name, array)
-    if options.kv_cache != "model":
-        layers["kv_cache"] = quant_kv.quantize_cache(model, kv_ranges(stats, w.v_scales))
+    w.arrays.clear()
     return layers
+
+
+def embed_16bit(model: ir.Model, dtype: str, load: Any = None) -> bool:
+    """Store the embedding in the checkpoint's 16-bit type (``dtype``: "BF16" / "F16") and cast the gathered
+    rows to float32: the values are the checkpoint's, exactly, at half of float32's bytes (1.24 GB instead of
+    2.5 GB for GLM-4-9B's 151552 x 4096 table). ``load`` returns the 16-bit ``ir.Tensor`` (default: converted
+    from the graph's float32 initializer). Returns whether the graph changed (not for fp32 checkpoints or
+    graphs that are not float32)."""
+    target = {"BF16": ir.DataType.BFLOAT16, "F16": ir.DataType.FLOAT16}.get(dtype)
+    value = model.graph.initializers.get("embed.weight")
+    if target is None or value is None or value.const_value is None or value.const_value.dtype != ir.DataType.FLOAT:
+        return False
+    gathers = [n for n in value.uses() if n.node.op_type == "Gather" and n.idx == 0]
+    if len(gathers) != len(list(value.uses())):
+        return False  # also read by something else (a tied output layer): leave it
+    old = value.const_value
+    np_type = ml_dtypes.bfloat16 if target == ir.DataType.BFLOAT16 else np.float16
+
+    def convert() -> ir.Tensor:
+        return ir.Tensor(old.numpy().astype(np_type), name="embed.weight")
+
+    value.const_value = ir.LazyTensor(load or convert, dtype=target, shape=old.shape, name="embed.weight")
+    value.dtype = target
+    for use in gathers:
+        gather = use.node
+        out = gather.outputs[0]
+        users = list(out.uses())
+        cast = ir.node("Cast", [out], {"to": ir.DataType.FLOAT}, name=gather.name + "/Cast",
+                       outputs=[ir.Value(name=out.name + "_float", type=ir.TensorType(ir.DataType.FLOAT),
+                                                shape=out.shape)])
+        out.dtype = target
+        model.graph.insert_after(gather, [cast])
+        for user in users:
+            user.node.replace_input_with(user.idx, cast.outputs[0])
+    return True
 
 
 def kv_ranges(stats: Stats, v_scales: dict[int, np.ndarray]) -> dict[str, float]:
@@ -479,7 +540,7 @@ def _tokenizer_dir(model_dir: Path, artifact: Path) -> Path | None:
 
 
 def rewrite_file(artifact: Path, cfg: Any, precision: str, options: QuantOptions, stats: Stats,
-                 source: Path | None = None) -> dict[str, Any]:
+                 source: Path | None = None, embed_dtype: str | None = None) -> dict[str, Any]:
     """Load ``model.onnx`` from ``source`` (default: ``artifact``), quantize, write into ``artifact`` beside it,
     then swap files in (old external data removed). ``build`` passes the export's stage as ``source`` so the
     exported graph survives for a resumed build with other quantization options (:mod:`glm_export.resume`)."""
@@ -489,6 +550,8 @@ def rewrite_file(artifact: Path, cfg: Any, precision: str, options: QuantOptions
     dst = artifact / ONNX_FILE
     model = ir.load(src)
     layers = quantize_graph(model, cfg, precision, options, stats)
+    if embed_dtype:
+        embed_16bit(model, embed_dtype)
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     stage = artifact / ".quantize"
     shutil.rmtree(stage, ignore_errors=True)
@@ -530,7 +593,7 @@ def quantize_into(model_dir: Path, artifact: Path, precision: str, options: Quan
     gc.collect()
     t1 = time.perf_counter()
     console.print(f"quantizing the graph to {precision}")
-    edited = rewrite_file(Path(artifact), cfg, precision, options, stats, source)
+    edited = rewrite_file(Path(artifact), cfg, precision, options, stats, source, embedding_dtype(ckpt))
     t2 = time.perf_counter()
     report: dict[str, Any] = {
         "precision": precision, "options": asdict(options), "calibration": stats.to_report(),
@@ -549,6 +612,14 @@ def quantize_into(model_dir: Path, artifact: Path, precision: str, options: Quan
     return report
 
 
+def embedding_dtype(ckpt: Any) -> str:
+    """The safetensors dtype of the checkpoint's embedding ("BF16" for GLM-4-9B)."""
+    from glm_export.checkpoint import source_parts
+
+    name = source_parts(ckpt.config, ckpt.layout, "embed.weight")[0][0]
+    return ckpt.tensors[name].dtype
+
+
 def describe(precision: str, options: QuantOptions) -> str:
     kv = ("KV cache in the graph's float type" if options.kv_cache == "model" else
           f"KV cache {options.kv_cache} (static per-tensor scales)")
@@ -557,12 +628,14 @@ def describe(precision: str, options: QuantOptions) -> str:
 
 
 def _describe_weights(precision: str, options: QuantOptions) -> str:
-    head = " and lm_head" if options.quantize_lm_head else " (lm_head fp32)"
+    head = {"same": " and lm_head", "float": " (lm_head in the graph's float type)",
+            "int8": " (lm_head int8 W8A8, per-channel, SmoothQuant)"}[options.lm_head]
     if precision == "int8":
         sm = f"SmoothQuant alpha {options.smoothquant_alpha}" if options.smoothquant_alpha else "no smoothing"
         bits = "7-bit range (reduce_range)" if options.int8_reduce_range else "full range"
         return (f"W8A8 on qkv/o_proj/gate_up/down{head}: int8 per-channel weights ({bits}), static per-tensor int8 "
-                f"activations ({sm}); embedding, norms, attention and KV cache fp32")
+                f"activations ({sm}); embedding in the checkpoint's type (bf16 for GLM-4-9B: 16-bit, never widened), "
+                f"norms, attention and KV cache fp32")
     if precision == "fp8":
         return (f"FP8 E4M3 on qkv/o_proj/gate_up/down{head}: per-channel weight scales, static per-tensor "
                 f"activation scales; embedding, norms, attention and KV cache fp32")

@@ -63,6 +63,18 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
+def ort_load_advice(message: str) -> str:
+    """What to do about an ONNX Runtime load failure: a version problem only when the message says so (every
+    failure used to advise an upgrade, even for a corrupt file: issue 19)."""
+    version_signs = ("opset", "not_implemented", "could not find an implementation", "is not a registered",
+                     "unsupported model ir version", "ir_version")
+    if any(sign in message.lower() for sign in version_signs):
+        return ("The graph needs opset 24 (onnxruntime >= 1.22); upgrade onnxruntime or rebuild the artifact with "
+                "this version")
+    return ("The file looks damaged or is not this artifact's graph: check the artifact (--verify hash) and copy "
+            "or rebuild it")
+
+
 class OrtKVCache:
     """K/V buffers of one batch of sequence slots, plus the logits buffer and the IO binding that use them."""
 
@@ -113,9 +125,8 @@ class OrtEngine:
         try:
             self.session = ort.InferenceSession(str(self.model_path), opts, providers=requested)
         except Exception as e:  # ORT raises its own pybind types (Fail, InvalidGraph, NotImplemented)
-            raise ArtifactError(
-                f"ONNX Runtime {ort.__version__} cannot load {self.model_path}: {e}\nThe graph needs opset 24 "
-                f"(onnxruntime >= 1.22); upgrade onnxruntime or rebuild the artifact with this version") from e
+            raise ArtifactError(f"ONNX Runtime {ort.__version__} cannot load {self.model_path}: {e}\n"
+                                + ort_load_advice(str(e))) from e
         log.info("model loaded in %.1f s", time.perf_counter() - t0)
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"

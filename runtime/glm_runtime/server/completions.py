@@ -34,7 +34,7 @@ async def completions(ctx: ServerContext, request: Request) -> Response:
     strings = TokenStrings(llm.tokenizer)
     try:
         prompt = body.prompt
-        if not prompt or (isinstance(prompt, list) and not all(prompt)):
+        if not prompt or (isinstance(prompt, list) and not isinstance(prompt[0], int) and not all(prompt)):
             raise APIError(400, "prompt is empty: give text, token ids, or a list of either", param="prompt")
         count = len(prompt) if isinstance(prompt, list) and not isinstance(prompt[0], int) else 1
         ctx.check_sequences(count, body.n)
@@ -53,7 +53,7 @@ async def completions(ctx: ServerContext, request: Request) -> Response:
         choices = ctx.sequences(specs, body.n, loop, queue, body.ignore_eos, logprobs=body.logprobs,
                                 prompt_logprobs=body.logprobs if body.echo else None)
     except (ValueError, QueueFullError, SchedulerClosedError) as e:
-        raise client_error(e) from None
+        raise client_error(e, prompt_param="prompt") from None
     rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": settings.model_name}
     ids_only = llm.tokenizer is None

@@ -16,12 +16,14 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from glm_runtime.api import LLM, RequestSpec
 from glm_runtime.generator import ContextLengthError
 from glm_runtime.scheduler import Scheduler, Sequence
 from glm_runtime.server.choices import Choice, Relay
 from glm_runtime.server.errors import APIError
+from glm_runtime.server.limits import BodyTimeoutError, Limits, read_deadline
 from glm_runtime.server.metrics import Counters
 from glm_runtime.server.schemas import Body
 from glm_runtime.tool_calls import tool_names
@@ -44,6 +46,8 @@ class ServerSettings:
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
     #: Sequences one request may ask for (prompts x n).
     max_sequences_per_request: int = 8
+    #: Deadlines and connection bounds (:mod:`glm_runtime.server.limits`).
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass
@@ -77,15 +81,22 @@ class ServerContext:
             raise APIError(413, f"request body over {limit} bytes (the server's --max-body-bytes)",
                            code="request_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():  # also bounds bodies sent without a content-length
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"request body over {limit} bytes (the server's --max-body-bytes)",
-                               code="request_too_large")
-            chunks.append(chunk)
+        try:
+            async with read_deadline(self.settings.limits.body_timeout):  # a slow body must not hold a slot
+                async for chunk in request.stream():  # also bounds bodies sent without a content-length
+                    size += len(chunk)
+                    if size > limit:
+                        raise APIError(413, f"request body over {limit} bytes (the server's --max-body-bytes)",
+                                       code="request_too_large")
+                    chunks.append(chunk)
+        except BodyTimeoutError as e:
+            raise APIError(408, f"{e}: send the body promptly", code="request_timeout") from None
+        except ClientDisconnect:  # the client left mid-body: routine, not an error worth a traceback
+            log.debug("client disconnected while sending the body of %s", request.url.path)
+            raise APIError(499, "the client disconnected while sending the body", code="client_closed") from None
         try:
             data = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # ValueError: also Python's 4300-digit integer limit
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")

@@ -1,0 +1,143 @@
+"""What a build will need, estimated from the config before any work, and a refusal with numbers when it will not
+fit: a 9B build that the kernel kills after 15 minutes of work (and 36 GB of stages) helps nobody.
+
+The estimates are deliberately simple sums of the big buffers each step holds at its peak, in bytes, from the
+model's shapes and the options (see ``docs/memory.md`` for the derivation and the measured numbers they are
+checked against). They are upper-leaning: ``--skip-memory-check`` builds anyway.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from glm_runtime.config import ModelConfig
+
+GiB = 1024**3
+BASE = int(0.8 * GiB)  # Python, torch, ONNX Runtime and onnx_ir loaded, the traced graph's structure
+ROWS_KEPT = 512  # calibrate.ROWS_KEPT rows, twice before a trim
+ORT_SESSION_FACTOR = 1.1  # ONNX Runtime's session of an artifact: its initializers plus prepacking slack
+
+
+@dataclass
+class Estimate:
+    """Peak memory and disk of one build, with the step that sets the peak and what each step holds."""
+
+    peak: int
+    peak_step: str
+    disk: int
+    artifact: int
+    steps: dict[str, int] = field(default_factory=dict)
+    streamed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peak_bytes": self.peak, "peak_step": self.peak_step, "disk_bytes": self.disk,
+                "artifact_bytes": self.artifact, "steps": self.steps, "streamed": self.streamed}
+
+
+def layer_params(cfg: ModelConfig) -> int:
+    return (cfg.hidden_size * cfg.qkv_size + cfg.q_size * cfg.hidden_size
+            + 3 * cfg.hidden_size * cfg.ffn_hidden_size)
+
+
+def artifact_bytes(cfg: ModelConfig, precision: str, weight_block: int = 32, embed_bytes: int = 2) -> int:
+    """The artifact's weights: quantized MatMuls (decoder layers and lm_head), the embedding, small tensors."""
+    matmul = cfg.num_layers * layer_params(cfg) + cfg.vocab_size * cfg.hidden_size
+    per_weight = {"int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / weight_block, "fp32": 4.0, "fp16": 2.0,
+                  "bf16": 2.0}[precision]
+    embed = cfg.vocab_size * cfg.hidden_size * (embed_bytes if precision in ("int8", "fp8", "int4") else
+                                                per_weight)
+    return int(matmul * per_weight + embed + 8 * cfg.num_layers * cfg.hidden_size * 4)
+
+
+def calibration_bytes(cfg: ModelConfig, samples: int, seq_len: int) -> int:
+    """Hidden states of every sequence (float32) plus one layer's activations and the kept input rows."""
+    hidden = samples * seq_len * cfg.hidden_size * 4
+    activations = seq_len * (cfg.qkv_size + 3 * cfg.ffn_hidden_size + 4 * cfg.hidden_size) * 4 \
+        + cfg.num_heads * seq_len * seq_len * 4
+    rows = ROWS_KEPT * 4 * (cfg.num_layers * (3 * cfg.hidden_size + cfg.ffn_hidden_size) + cfg.hidden_size)
+    return hidden + activations + rows
+
+
+def estimate(cfg: ModelConfig, precision: str, backend: str, streamed: bool, calib_samples: int = 256,
+             calib_seq_len: int = 512, accuracy_samples: int = 8, weight_block: int = 32) -> Estimate:
+    """Peak RSS and disk of ``glm-export build`` for this model, precision, backend and path."""
+    quantized = precision in ("int8", "fp8", "int4")
+    p = cfg.num_parameters()
+    art = artifact_bytes(cfg, precision, weight_block)
+    steps: dict[str, int] = {}
+    layer32 = 4 * layer_params(cfg)
+    # accuracy.measure: float32 reference logits of every 128-token sequence, then per sequence the graph's logits
+    # and two float64 log-softmaxes
+    acc_logits = (accuracy_samples * 4 + 4 + 2 * 8) * 128 * cfg.vocab_size if accuracy_samples else 0
+    if quantized and streamed:
+        steps["calibrate"] = BASE + layer32 + calibration_bytes(cfg, calib_samples, calib_seq_len)
+        # one layer in float32, its largest tensor twice while copied, its quantized form, the rows kept
+        biggest = 4 * 2 * cfg.hidden_size * cfg.ffn_hidden_size
+        steps["quantize"] = BASE + layer32 + biggest + layer_params(cfg) + calibration_bytes(cfg, calib_samples, 0)
+        if accuracy_samples:
+            steps["accuracy"] = BASE + int(ORT_SESSION_FACTOR * art) + acc_logits
+        disk = art
+    elif quantized:
+        export_dtype = 4 if backend == "onnxruntime" else 2
+        steps["export"] = BASE + 4 * cfg.vocab_size * cfg.hidden_size
+        steps["calibrate"] = BASE + 4 * p + calibration_bytes(cfg, calib_samples, calib_seq_len)
+        steps["quantize"] = BASE + 4 * layer_params(cfg) * cfg.num_layers + art
+        if accuracy_samples:
+            steps["accuracy"] = BASE + 4 * p
+        disk = export_dtype * p + art
+    else:
+        size = {"fp32": 4, "fp16": 2, "bf16": 2}[precision]
+        steps["export"] = BASE + size * cfg.vocab_size * cfg.hidden_size
+        if precision == "fp32":
+            steps["validate"] = BASE + 2 * 4 * p
+        disk = art
+    if backend != "onnxruntime":
+        # the engine builder holds the whole network's weights (in the engine's precision) next to the graph's
+        steps["engine"] = BASE + art + int(art * (2.0 if not quantized else 1.5))
+        disk += art
+    peak_step = max(steps, key=steps.__getitem__)
+    return Estimate(steps[peak_step], peak_step, disk, art, steps, streamed)
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def check(est: Estimate, available: int, free_disk: int, cfg: ModelConfig, precision: str, backend: str) -> None:
+    """Raise :class:`BudgetError` naming the numbers and what to do when ``est`` does not fit."""
+    problems = []
+    if est.peak > available:
+        steps = ", ".join(f"{k} {gib(v)}" for k, v in est.steps.items())
+        todo = ["--calib-samples 16 --calib-seq-len 128 (calibration holds every sample's hidden states)"]
+        if not est.streamed and precision in ("int8", "fp8", "int4") and backend == "onnxruntime":
+            todo.insert(0, "--stream (layer by layer: never the float32 model in memory)")
+        if precision != "int4":
+            todo.append("--precision int4 (the smallest artifact)")
+        if backend != "onnxruntime":
+            todo.append("--backend onnxruntime (no engine builder holding the whole network), then "
+                        "`glm-export engine` on a host with more RAM")
+        todo.append("--accuracy-samples 0 (no accuracy report: its ONNX Runtime session holds the artifact)")
+        todo.append(f"a machine with {gib(est.peak)} or more free RAM")
+        problems.append(f"this build needs about {gib(est.peak)} of RAM at its peak ({est.peak_step}; {steps}), "
+                        f"{gib(available)} is available. Try: " + "; ".join(todo))
+    if est.disk > free_disk:
+        export = "" if est.streamed or precision not in ("int8", "fp8", "int4") else " plus the float export"
+        problems.append(f"this build writes about {gib(est.disk)} (artifact {gib(est.artifact)}{export}), "
+                        f"{gib(free_disk)} is free on the output's file system: free space or write elsewhere (-o)")
+    if problems:
+        raise BudgetError("\n".join(problems) + "\n(--skip-memory-check builds anyway: the estimate is "
+                          "upper-leaning, see docs/memory.md)")
+
+
+class BudgetError(RuntimeError):
+    """A build that will not fit this machine; the message has the numbers and the options that help."""
+
+
+def free_disk(out: Path) -> int:
+    parent = Path(out).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    return shutil.disk_usage(parent).free

@@ -1,0 +1,51 @@
+"""The up-front memory / disk estimate: its numbers follow from the shapes, and a build that will not fit is refused
+before any work, with the numbers and the options that help."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from glm_export import budget
+from glm_export.build import BuildError, build_artifact
+from glm_export.quantize import QuantOptions
+from glm_export.random_model import PRESETS
+
+GB9 = PRESETS["glm-4-9b"]
+
+
+def test_artifact_size_from_the_shapes() -> None:
+    # GLM-4-9B: 40 x 204.5 M MatMul weights + a 620.8 M lm_head in int8, the 620.8 M embedding in bf16
+    size = budget.artifact_bytes(GB9, "int8")
+    matmul = 40 * budget.layer_params(GB9) + 151552 * 4096
+    assert size == pytest.approx(matmul + 2 * 151552 * 4096, rel=0.001)
+    assert 9.9e9 < size < 10.1e9
+    assert budget.artifact_bytes(GB9, "int4") < 0.7 * size
+
+
+def test_the_9b_int8_build_streams_within_half_of_this_machine() -> None:
+    whole = budget.estimate(GB9, "int8", "onnxruntime", False, calib_samples=16, calib_seq_len=128)
+    streamed = budget.estimate(GB9, "int8", "onnxruntime", True, calib_samples=16, calib_seq_len=128)
+    assert whole.peak > 37e9  # the float32 model: what the OOM killer met
+    assert whole.disk > 37e9 + streamed.artifact  # the float32 export on disk too
+    assert streamed.peak < 13e9 and streamed.peak_step == "accuracy"
+    assert streamed.steps["calibrate"] < 4.5e9 and streamed.disk == streamed.artifact
+
+
+def test_refusal_names_the_numbers_and_what_to_do() -> None:
+    est = budget.estimate(GB9, "int8", "onnxruntime", False, calib_samples=256, calib_seq_len=512)
+    with pytest.raises(budget.BudgetError) as e:
+        budget.check(est, 20 * budget.GiB, 10 * budget.GiB, GB9, "int8", "onnxruntime")
+    msg = str(e.value)
+    assert "GiB of RAM at its peak" in msg and "20.0 GiB is available" in msg
+    assert "--stream" in msg and "--calib-samples" in msg and "--skip-memory-check" in msg
+    assert "GiB is free" in msg  # the disk too
+
+
+def test_build_refuses_before_any_work(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("glm_export.build.available_memory_bytes", lambda: 100 * 2**20)
+    with pytest.raises(BuildError, match="needs about"):
+        build_artifact(tiny_checkpoint, tmp_path / "out", "int8", backend="onnxruntime",
+                       quant=QuantOptions(calib_samples=8, calib_seq_len=16, accuracy_samples=0))
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.build").exists()
