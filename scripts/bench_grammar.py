@@ -21,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -59,19 +60,23 @@ def bench_llguidance(tokenizer_json: str, schema: dict[str, Any], steps: int, rn
                      ) -> dict[str, Any]:
     import llguidance as llg
 
-    from glm_runtime.grammar import Constraint, json_schema_lark
+    try:  # the runtime's own mask application (absent in a comparison venv without the runtime's dependencies)
+        from glm_runtime.grammar import Constraint
+    except ImportError:
+        Constraint = None
+    lark_schema = {**schema, "x-guidance": {"whitespace_flexible": False}}  # as glm_runtime.grammar compiles it
 
     t0 = time.perf_counter()
     lltok = llg.LLTokenizer(tokenizer_json, n_vocab=VOCAB, eos_token=STOP_IDS)
     t_tok = time.perf_counter() - t0
-    out: dict[str, Any] = {"library": f"llguidance {llg.__version__}", "tokenizer_s": t_tok}
+    out: dict[str, Any] = {"library": f"llguidance {version('llguidance')}", "tokenizer_s": t_tok}
     t0 = time.perf_counter()
-    grammar = llg.LLMatcher.grammar_from_lark(f"start: {json_schema_lark(schema)}\n")
+    grammar = llg.LLMatcher.grammar_from_lark(f"start: %json {json.dumps(lark_schema)}\n")
     matcher = llg.LLMatcher(lltok, grammar, log_level=0)
     out["compile_s"] = time.perf_counter() - t0
     words = np.zeros((VOCAB + 31) // 32, np.int32)
     masks, advances, apply_times = [], [], []
-    constraint = Constraint(matcher, VOCAB)
+    constraint = Constraint(matcher, VOCAB) if Constraint is not None else None
     logits = np.zeros(VOCAB, np.float32)
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -79,16 +84,19 @@ def bench_llguidance(tokenizer_json: str, schema: dict[str, Any], steps: int, rn
         masks.append(time.perf_counter() - t0)
         allowed = allowed_from_words(words, VOCAB)
         logits[:] = 0
-        t0 = time.perf_counter()
-        constraint.apply(logits)  # the mask again plus numpy's unpack and -inf fill: what the server pays
-        apply_times.append(time.perf_counter() - t0)
+        if constraint is not None:
+            t0 = time.perf_counter()
+            constraint.apply(logits)  # the mask again plus numpy's unpack and -inf fill: what the server pays
+            apply_times.append(time.perf_counter() - t0)
         token = int(rng.choice(allowed))
         t0 = time.perf_counter()
         matcher.consume_token(token)
         advances.append(time.perf_counter() - t0)
         if matcher.is_stopped() or token in STOP_IDS:
             matcher.reset()
-    out.update(mask=summary(masks), advance=summary(advances), runtime_apply=summary(apply_times))
+    out.update(mask=summary(masks), advance=summary(advances))
+    if apply_times:
+        out["runtime_apply"] = summary(apply_times)
     return out
 
 
@@ -121,13 +129,12 @@ def bench_xgrammar(tokenizer_dir: Path, schema: dict[str, Any], steps: int, rng:
         if matcher.is_terminated() or token in STOP_IDS:
             matcher.reset()
     del torch
-    return {"library": f"xgrammar {xgr.__version__}", "tokenizer_s": t_tok, "compile_s": t_compile,
+    return {"library": f"xgrammar {version('xgrammar')}", "tokenizer_s": t_tok, "compile_s": t_compile,
             "mask": summary(masks), "advance": summary(advances)}
 
 
 def bench_outlines(tokenizer_dir: Path, schema: dict[str, Any], steps: int, rng: np.random.Generator
                    ) -> dict[str, Any]:
-    import outlines_core
     from outlines_core import Guide, Index, Vocabulary
     from outlines_core.json_schema import build_regex_from_schema
     from tokenizers import Tokenizer
@@ -155,7 +162,7 @@ def bench_outlines(tokenizer_dir: Path, schema: dict[str, Any], steps: int, rng:
         advances.append(time.perf_counter() - t0)
         if guide.is_finished() or token == STOP_IDS[0]:
             guide = Guide(index)
-    return {"library": f"outlines-core {getattr(outlines_core, '__version__', '?')}", "tokenizer_s": t_tok,
+    return {"library": f"outlines-core {version('outlines-core')}", "tokenizer_s": t_tok,
             "compile_s": t_compile, "mask": summary(masks), "advance": summary(advances)}
 
 

@@ -236,3 +236,16 @@ def test_tool_choice_required_and_named_give_calls_that_parse(scripted, llm: LLM
                                     tool_choice={"type": "function", "function": {"name": "get_weather"}})
     (call,) = got.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and valid_unit(json.loads(call.function.arguments))
+
+
+def test_tool_choice_required_on_the_onnx_runtime_engine(served: tuple[str, Scheduler]) -> None:
+    base, sched = served
+    before = sched.stats.grammar_tokens
+    got = client(base).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "alarm?"}],
+                                               tools=TOOLS, tool_choice="required", max_tokens=40, temperature=0.8,
+                                               seed=3)
+    assert got.choices[0].finish_reason == "tool_calls"  # random weights, and still a call that parses
+    (call,) = got.choices[0].message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert valid_unit(args) if call.function.name == "get_weather" else args["hour"] in (6, 7, 8)
+    assert sched.stats.grammar_tokens - before == got.usage.completion_tokens
