@@ -85,12 +85,6 @@ def streamed_text(chunks: Any) -> tuple[str, list[Any]]:
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
 
 
-def counts(usage: Any) -> tuple[int, int, int]:
-    """Token counts of a usage (``prompt_tokens_details.cached_tokens`` depends on what each server's prefix cache
-    happens to hold: replicas have their own)."""
-    return usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
-
-
 def test_same_greedy_answers_as_the_single_process_server(ray_base: str, single_base: str) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me about the sea"}]
     ref, got = chat(single_base, messages=messages, max_tokens=24), chat(ray_base, messages=messages, max_tokens=24)
