@@ -45,17 +45,27 @@ def ray_base(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     """Serve's HTTP proxy in front of 2 replicas (affinity router), on a free loopback port."""
     key_file = tmp_path_factory.mktemp("key") / "key"
     key_file.write_text(KEY)
-    port = free_port()
     from glm_runtime.ray_proxy import CALLBACK
 
     os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = CALLBACK  # as `glm-runtime serve --ray` does
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 << 20, logging_level="WARNING")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # A port found free may be taken before the proxy binds it (Ray's own processes and workers take ephemeral
+        # ports too: seen once as "Failed to bind to address"): pick it after ray.init, and try another if taken.
         cfg = ray_app.ReplicaConfig(str(tiny_artifact), MODEL, str(key_file), max_concurrency=CONCURRENCY,
                                     max_queue=QUEUE, max_tokens_limit=256, max_body_bytes=100_000, threads=1,
                                     verify="none", kv_budget_gb=1.0)
-        serve.run(ray_app.build(cfg, replicas=2, num_cpus=0.5, shutdown_timeout=5), name="glm", route_prefix="/")
+        for attempt in range(3):
+            port = free_port()
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                serve.run(ray_app.build(cfg, replicas=2, num_cpus=0.5, shutdown_timeout=5), name="glm",
+                          route_prefix="/")
+                break
+            except Exception as e:  # RayTaskError wrapping the proxy's bind failure
+                if "bind" not in str(e) or attempt == 2:
+                    raise
+                serve.shutdown()
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
