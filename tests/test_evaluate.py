@@ -127,6 +127,7 @@ def test_cli_json(tiny_artifact: Path, tiny_checkpoint: Path, text_file: Path) -
     assert bad.exit_code == 1 and "fewer than one window" in bad.output
 
 
+@pytest.mark.slow  # a whole build: 45 s under load
 def test_build_eval_text_reports_the_same_numbers(tiny_checkpoint: Path, text_file: Path, tmp_path: Path) -> None:
     from glm_export.build import build_artifact
 
