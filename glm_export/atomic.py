@@ -51,20 +51,58 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target} already exists: choose another output or pass --overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
-    staging.chmod(0o755)  # mkdtemp makes it 0700
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _publish(staging, target)
+    # Under the output's lock: the stale partial directories removed here are then surely a dead run's, not
+    # those of a second export into the same output still writing (issue 19, D11).
+    with output_lock(target):
+        for stale in target.parent.glob(f".{target.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+        staging.chmod(0o755)  # mkdtemp makes it 0700
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _publish(staging, target)
 
 
 class BuildInProgressError(RuntimeError):
     pass
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def disk_full_message(staged: Path, need: int, step: str) -> str:
+    """What to say when a build runs out of disk: how big the partial stage is, what is free, about what the build
+    needs, and the two ways out (issue 19, D12)."""
+    staged = Path(staged)
+    where = staged if staged.exists() else staged.parent
+    free = shutil.disk_usage(where).free
+    have = tree_bytes(staged)
+    gb = 1e9
+    return (f"no space left on the device holding {staged.parent} during step {step!r}: the partial build in "
+            f"{staged} holds {have / gb:.2f} GB, {free / gb:.2f} GB are free, and the build needs about "
+            f"{need / gb:.2f} GB in all. Free at least {max(0, need - have) / gb:.2f} GB there and run the same "
+            f"command again to resume, or delete {staged} and build elsewhere (-o on another disk).")
+
+
+@contextlib.contextmanager
+def output_lock(target: Path) -> Iterator[None]:
+    """Hold ``.NAME.lock`` beside ``target`` for the block: one export or build writes an output at a time."""
+    lock_path = target.parent / f".{target.name}.lock"
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildInProgressError(f"another build or export into {target} is running (it holds {lock_path}): "
+                                       "wait for it or choose another output") from None
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
 
 
 def _publish(staging: Path, target: Path) -> None:
@@ -94,19 +132,10 @@ def staging_dir(target: str | Path, overwrite: bool = False, resume: bool = True
         raise OutputExistsError(f"{target} already exists: choose another output or pass --overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.build"
-    lock_path = target.parent / f".{target.name}.build.lock"
-    with open(lock_path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BuildInProgressError(f"another build into {target} is running (it holds {lock_path}): wait for "
-                                       "it or choose another output") from None
-        try:
-            if not resume:
-                shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(exist_ok=True)
-            staging.chmod(0o755)
-            yield staging
-            _publish(staging, target)
-        finally:
-            lock_path.unlink(missing_ok=True)
+    with output_lock(target):
+        if not resume:
+            shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(exist_ok=True)
+        staging.chmod(0o755)
+        yield staging
+        _publish(staging, target)

@@ -7,7 +7,9 @@ none) and keeps its finished steps, which the next run with the same inputs reus
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -19,7 +21,7 @@ import torch
 
 from glm_export import atomic, numerics
 from glm_export.builtin import resolve_model
-from glm_export.checkpoint import Checkpoint, load_model
+from glm_export.checkpoint import Checkpoint, CheckpointError, load_model
 from glm_export.engine import EngineSpec, build_engine, check_engine, choose_backend
 from glm_export.export import ONNX_DATA, ONNX_FILE, export_into, graph_io, write_manifest
 from glm_export.progress import console
@@ -35,6 +37,7 @@ from glm_export.quantize import (
 )
 from glm_export.resume import STAGES, BuildJournal, fingerprint_dir, fingerprint_file, step_key
 from glm_export.validate import OrtGraph, compare, compare_engine
+from glm_export.weight_check import WeightError
 from glm_runtime.engine import available_memory_bytes
 
 FLOAT_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -43,7 +46,11 @@ VALIDATE_DECODE = 16
 
 
 class BuildError(RuntimeError):
-    pass
+    """A build that cannot finish; ``resumable=False`` when running it again would fail the same way."""
+
+    def __init__(self, message: str, resumable: bool = True) -> None:
+        super().__init__(message)
+        self.resumable = resumable
 
 
 def pick_backend(requested: str | None, precision: str) -> tuple[str, str]:
@@ -57,12 +64,18 @@ def pick_backend(requested: str | None, precision: str) -> tuple[str, str]:
 
 def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overwrite: bool = False,
                    validate: bool = True, quant: QuantOptions | None = None, backend: str | None = None,
-                   engine: EngineSpec | None = None, resume: bool = True, stream: bool | None = None,
-                   memory_check: bool = True) -> dict[str, Any]:
+                   engine: EngineSpec | None = None, resume: bool = True,
+                   max_weight_abs: float | None = None, stream: bool | None = None,
+                   memory_check: bool = True, eval_text: Path | None = None,
+                   eval_ctx: int = 256) -> dict[str, Any]:
     """The whole pipeline; ``backend=None`` picks one (and says which and why).
 
+    ``eval_text``: also measure held-out perplexity of the graph against the PyTorch checkpoint on this raw
+    text (:mod:`glm_export.evaluate`, windows of ``eval_ctx`` tokens) into report.json / report.md.
+
     ``resume``: reuse the steps an earlier, failed or interrupted build of the same output finished with the
-    same inputs (:mod:`glm_export.resume`); ``False`` starts over.
+    same inputs (:mod:`glm_export.resume`); ``False`` starts over. ``max_weight_abs``: also refuse weights of
+    larger magnitude (non-finite ones always are: :mod:`glm_export.weight_check`).
     ``stream``: quantize for ONNX Runtime layer by layer (:mod:`glm_export.stream_quant`; the same artifact,
     without the float32 model in memory or on disk); ``None`` streams when the whole-model path would not fit.
     ``memory_check``: refuse up front, with the numbers, a build whose estimated peak RAM or disk does not fit
@@ -86,6 +99,8 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
         except QuantizeError as e:
             raise BuildError(str(e)) from None
     model_dir = resolve_model(model)
+    if eval_text is not None and not Path(eval_text).is_file():
+        raise BuildError(f"--eval-text {eval_text} not found: pass a UTF-8 text file")
     cfg = Checkpoint(model_dir).config
     if spec is not None:
         spec.check(precision, cfg.max_position)
@@ -94,7 +109,7 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
     # (no fp32 attention there); the Q/DQ nodes carry the precision.
     export_dtype = FLOAT_PRECISIONS.get(precision, "float32" if backend == "onnxruntime" else "float16")
     steps = plan_steps(model_dir, export_dtype, quant if precision in QUANTIZED_PRECISIONS else None, validate, spec,
-                       streamed)
+                       max_weight_abs, streamed)
     t0 = time.perf_counter()
     current = "export"
     try:
@@ -118,7 +133,7 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
             exported = tmp / STAGES / "export" if quantized else tmp  # kept whole for re-quantizing on resume
 
             def export() -> dict[str, Any]:
-                result = export_into(model_dir, tmp, export_dtype)
+                result = export_into(model_dir, tmp, export_dtype, max_weight_abs=max_weight_abs)
                 if quantized:
                     exported.mkdir(parents=True, exist_ok=True)
                     for name in (ONNX_FILE, ONNX_DATA):
@@ -162,6 +177,10 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
                     manifest["cpu_tuning"] = cpu_tuning(quant)
             if validate:
                 report["validation"] = step("validate", lambda: validate_artifact(model_dir, tmp, precision))
+            if eval_text is not None:
+                current = "eval"
+                console.rule("eval: held-out perplexity against the PyTorch checkpoint", style="dim")
+                report["eval"] = eval_artifact(model_dir, tmp, manifest, Path(eval_text), eval_ctx)
             if spec is not None:
                 def engine_step() -> dict[str, Any]:
                     entry = build_engine(tmp, spec, precision, manifest["model"]["max_position"])
@@ -184,10 +203,21 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
             write_manifest(tmp, manifest)
     except (KeyboardInterrupt, Exception) as e:
         staged = Path(out).absolute().parent / f".{Path(out).name}.build"
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # D12: sizes and a way out, not a traceback
+            itemsize = 4 if export_dtype == "float32" else 2
+            need = Checkpoint(model_dir).config.num_parameters() * itemsize * (2 if precision in
+                                                                                QUANTIZED_PRECISIONS else 1)
+            raise BuildError(atomic.disk_full_message(staged, need, current)) from None
         if staged.is_dir() and not isinstance(e, atomic.BuildInProgressError | atomic.OutputExistsError):
-            console.print(f"[yellow]build stopped during step {current!r}[/]: {out} was not written. The finished "
-                          f"steps are kept in {staged}; run the same command again to resume from {current!r}, "
-                          "or with --no-resume to start over.", soft_wrap=True, highlight=False)
+            if isinstance(e, CheckpointError | WeightError) or not getattr(e, "resumable", True):
+                # Resuming would meet the same input again: say what to fix instead (issue 19, D8).
+                console.print(f"[yellow]build stopped during step {current!r}[/]: {out} was not written. Running "
+                              "the same command again cannot succeed until the problem below is fixed (the "
+                              f"finished steps stay in {staged}).", soft_wrap=True, highlight=False)
+            else:
+                console.print(f"[yellow]build stopped during step {current!r}[/]: {out} was not written. The "
+                              f"finished steps are kept in {staged}; run the same command again to resume from "
+                              f"{current!r}, or with --no-resume to start over.", soft_wrap=True, highlight=False)
         raise
     console.print(f"[green]built[/] {out} ({precision}) in {time.perf_counter() - t0:.1f} s")
     return manifest
@@ -221,12 +251,15 @@ def plan_memory(cfg: Any, out: Path, precision: str, backend: str, quant: QuantO
 
 
 def plan_steps(model_dir: Path, export_dtype: str, quant: QuantOptions | None, validate: bool,
-               spec: EngineSpec | None, streamed: bool = False) -> list[tuple[str, str]]:
+               spec: EngineSpec | None, max_weight_abs: float | None = None,
+               streamed: bool = False) -> list[tuple[str, str]]:
     """The build's steps with their input keys, each chained to the previous one (see :mod:`glm_export.resume`)."""
     import glm_export
     from glm_export.engine import import_trt
 
     key = step_key("export", glm_export.__version__, fingerprint_dir(model_dir), export_dtype)
+    if max_weight_abs is not None:  # a stricter check must not be skipped by reusing an unchecked export
+        key = step_key(key, "max_weight_abs", max_weight_abs)
     steps = [("export", key)]
     if streamed:  # one step: calibrate, trace and quantize layer by layer, no float32 export in between
         steps = []
@@ -270,10 +303,18 @@ def validate_artifact(model_dir: Path, artifact: Path, precision: str) -> dict[s
     # The bound float32 rounding allows at this model's size and logit scale (numerics.py), not a fixed number:
     # kernels differ by CPU, and a 40-layer model legitimately differs more than a 2-layer one.
     bound = numerics.fp32_logit_bound(ckpt.config, result.context, result.reference_absmax)
+    if not (math.isfinite(result.max_abs) and math.isfinite(result.reference_absmax)):
+        # The weights passed the finiteness check, so the arithmetic itself overflows (e.g. weights of
+        # implausible magnitude): the same graph would fail again, so no resume advice.
+        raise BuildError("validation failed: the logits are not finite (NaN or Inf) in "
+                         f"{'PyTorch and ' if not math.isfinite(result.reference_absmax) else ''}ONNX Runtime: the "
+                         "model's activations overflow with these weights; check the checkpoint (glm-export build "
+                         "--max-weight-abs finds implausible weights)", resumable=False)
     status = "ok" if result.max_abs <= bound and result.greedy_match else "mismatch"
     if status != "ok":
         raise BuildError(f"validation failed: max |logit diff| {result.max_abs:.3g} (float32 rounding allows "
-                         f"{bound:.3g}), greedy match {result.greedy_match}; the artifact was not written")
+                         f"{bound:.3g}), greedy match {result.greedy_match}; the artifact was not written. The same "
+                         "graph would fail again: please report it with `glm-export env`", resumable=False)
     return {"status": status, "prompts": list(VALIDATE_PROMPTS), "decode_steps": VALIDATE_DECODE,
             "bound": bound, **result.to_dict()}
 
@@ -306,6 +347,20 @@ def validate_engine(artifact: Path, entry: dict[str, Any], manifest: dict[str, A
         console.print(f"[yellow]warning:[/] the engine's greedy tokens differ from ONNX Runtime's on the same graph "
                       f"(max |logit diff| {result.max_abs:.3g}); see report.md")
     return {"status": status, "prompts": list(VALIDATE_PROMPTS), "decode_steps": VALIDATE_DECODE, **result.to_dict()}
+
+
+def eval_artifact(model_dir: Path, artifact: Path, manifest: dict[str, Any], text: Path, ctx: int) -> dict[str, Any]:
+    """``glm-export eval`` of the staged graph (its manifest is not written yet) against the checkpoint."""
+    from glm_export.evaluate import EvalError, OrtScorer, TorchScorer, evaluate_ids, tokenize_text
+    from glm_runtime.manifest import model_config
+
+    try:
+        ids = tokenize_text(text, model_dir)
+        res = evaluate_ids(OrtScorer(artifact, cfg=model_config(manifest)), ids, ctx, TorchScorer(model_dir),
+                           text_name=str(text))
+    except EvalError as e:
+        raise BuildError(f"--eval-text: {e}") from None
+    return res.to_dict()
 
 
 def report_markdown(report: dict[str, Any], extra: str = "") -> str:
@@ -345,5 +400,9 @@ def report_markdown(report: dict[str, Any], extra: str = "") -> str:
             lines += ["", f"Engine validation: not run: {ev['reason']}."]
     if extra:
         lines += ["", extra.rstrip()]
+    if report.get("eval"):
+        from glm_export.evaluate import EvalResult, markdown
+
+        lines += ["", *markdown(EvalResult(**report["eval"]))]
     lines += ["", f"Build time: {report['build_s']} s.", ""]
     return "\n".join(lines)

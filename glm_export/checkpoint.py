@@ -12,6 +12,7 @@ inventory and raises one :class:`CheckpointError` that lists every problem.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -24,7 +25,9 @@ from safetensors import safe_open
 
 from glm_export import rotary
 from glm_export.model import GLM4, is_matmul_weight
+from glm_export.weight_check import check_tensor
 from glm_runtime.config import ModelConfig
+from glm_runtime.manifest import confined
 
 # canonical name template -> per layout, the checkpoint names whose rows are concatenated to form it.
 LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -90,11 +93,15 @@ def _template(canonical: str) -> tuple[str, str | None]:
     return canonical, None
 
 
-def source_parts(cfg: ModelConfig, layout: str, canonical: str) -> list[tuple[str, tuple[int, ...]]]:
-    """The checkpoint tensors (name, shape) whose rows make up ``canonical`` in ``layout``."""
+def source_parts(cfg: ModelConfig, layout: str, canonical: str,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """The checkpoint tensors (name, shape) whose rows make up ``canonical`` in ``layout``.
+
+    ``shapes``: ``canonical_shapes(cfg)`` when the caller has it (a loop over every tensor that rebuilt it per call
+    was quadratic in the layer count: 4000 layers took > 100 s, issue 19 D10)."""
     template, layer = _template(canonical)
     names = [n.replace("{i}", layer or "") for n in LAYOUTS[layout][template]]
-    shape = canonical_shapes(cfg)[canonical]
+    shape = (shapes or canonical_shapes(cfg))[canonical]
     if len(names) == 1:
         return [(names[0], shape)]
     rows = [cfg.q_size, cfg.kv_size, cfg.kv_size]  # only qkv is split
@@ -108,8 +115,15 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
+#: Bytes per element of the safetensors dtypes (to check that each tensor's byte range matches its shape).
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a shard's header and check the file is as long as the header says (catches truncated shards)."""
+    """Parse a shard's header and check it describes the file: every entry well-formed, each tensor's byte range
+    the size its dtype and shape need, ranges not overlapping, the file as long as the header says (catches
+    truncated shards). Any other header is a :class:`CheckpointError` naming the first problem."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -117,31 +131,61 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: {size} bytes, too short to be a safetensors file")
         (n,) = struct.unpack("<Q", raw)
         if n > min(size - 8, 100_000_000):
-            raise CheckpointError(
-                f"{path}: header length {n} exceeds the file ({size} bytes): truncated or not safetensors"
-            )
+            # The length is not echoed: it is the first 8 bytes of whatever file this is (issue 19, D5).
+            raise CheckpointError(f"{path}: the header length exceeds the file ({size} bytes): truncated or not "
+                                  "safetensors")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # also invalid UTF-8 and Python's integer-digit limit
             raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
     header.pop("__metadata__", None)
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    out: dict[str, TensorInfo] = {}
+    ranges: list[tuple[int, int, str]] = []
+    for name, t in header.items():
+        offsets = t.get("data_offsets") if isinstance(t, dict) else None
+        shape = t.get("shape") if isinstance(t, dict) else None
+        dtype = t.get("dtype") if isinstance(t, dict) else None
+        if not (isinstance(dtype, str) and isinstance(shape, list)
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{path}: malformed header entry for {str(name)[:100]!r} (needs dtype, shape of "
+                                  f"non-negative ints, data_offsets [begin, end]): re-download this shard")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if dtype in DTYPE_SIZES and numel * DTYPE_SIZES[dtype] != offsets[1] - offsets[0]:
+            raise CheckpointError(f"{path}: {name}: data_offsets span {offsets[1] - offsets[0]} bytes, its dtype "
+                                  f"{dtype} and shape {shape} need {numel * DTYPE_SIZES[dtype]}: corrupt shard")
+        ranges.append((offsets[0], offsets[1], name))
+        out[name] = TensorInfo(path, dtype, tuple(shape))
+    ranges.sort()
+    for (_, end, a), (begin, _, b) in itertools.pairwise(ranges):
+        if begin < end:
+            raise CheckpointError(f"{path}: tensors {a} and {b} overlap in the file: corrupt shard")
+    end = ranges[-1][1] if ranges else 0
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path}: truncated: the header needs {8 + n + end} bytes, the file has {size} "
             f"(re-download or re-copy this shard)"
         )
-    return {name: TensorInfo(path, t["dtype"], tuple(t["shape"])) for name, t in header.items()}
+    return out
 
 
 class Checkpoint:
     """A GLM-4 checkpoint directory: config plus lazily read, validated tensors under canonical names."""
 
-    def __init__(self, model_dir: str | Path) -> None:
+    def __init__(self, model_dir: str | Path, max_weight_abs: float | None = None) -> None:
+        """``max_weight_abs``: also refuse tensors with a value of larger magnitude (non-finite ones always are)."""
         self.dir = Path(model_dir)
+        self.max_weight_abs = max_weight_abs
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir} is not a directory: point at a Hugging Face GLM-4 checkpoint")
         self.config = ModelConfig.from_pretrained(self.dir)
+        self.shapes = canonical_shapes(self.config)
         self.tensors = self._inventory()
         self.layout = self._detect_layout()
         self._handles: dict[Path, object] = {}
@@ -154,8 +198,14 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e})") from e
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+            outside = sorted({v for v in weight_map.values() if not confined(v)})
+            if outside:  # the index must not make us read (and echo) files elsewhere (issue 19, D5)
+                raise CheckpointError(f"{index}: shard names {outside[:3]} leave the checkpoint directory; a "
+                                      "checkpoint's shards are files in it (symlinks there are followed)")
             headers: dict[str, dict[str, TensorInfo]] = {}
             for shard in sorted(set(weight_map.values())):
                 path = self.dir / shard
@@ -195,8 +245,8 @@ class Checkpoint:
         """Check names, shapes and dtypes against the config; raise one error listing every problem."""
         problems: list[str] = []
         expected: set[str] = set(IGNORED[self.layout])
-        for canonical in canonical_shapes(self.config):
-            for name, shape in source_parts(self.config, self.layout, canonical):
+        for canonical in self.shapes:
+            for name, shape in source_parts(self.config, self.layout, canonical, self.shapes):
                 expected.add(name)
                 info = self.tensors.get(name)
                 if info is None:
@@ -218,11 +268,13 @@ class Checkpoint:
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = safe_open(os.fspath(info.file), framework="pt")
-        return handle.get_tensor(name)  # type: ignore[attr-defined]
+        t = handle.get_tensor(name)  # type: ignore[attr-defined]
+        check_tensor(name, t, self.max_weight_abs, f" (in {info.file.name})")
+        return t
 
     def tensor(self, canonical: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One canonical tensor, memory-mapped when no conversion or concatenation is needed."""
-        parts = [self._read(name) for name, _ in source_parts(self.config, self.layout, canonical)]
+        parts = [self._read(name) for name, _ in source_parts(self.config, self.layout, canonical, self.shapes)]
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
@@ -231,7 +283,7 @@ class Checkpoint:
         self._handles.clear()
 
     def canonical_names(self) -> list[str]:
-        return list(canonical_shapes(self.config))
+        return list(self.shapes)
 
     def iter_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.canonical_names():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -20,6 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 F = TypeVar("F", bound=Callable[..., Any])
 
 MODEL_HELP = "Checkpoint directory; the built-in tiny model when omitted."
+MAX_WEIGHT_ABS_HELP = ("Also refuse checkpoint weights of larger magnitude (NaN and Inf are always refused); trained "
+                       "GLM-4 weights stay well under 100.")
 PRESET_HELP = "Shapes: tiny (tests), glm-4-9b-2layer (3.3 GB), glm-4-9b (18.8 GB)."
 LAYOUT_HELP = "Tensor names: chatglm (THUDM original) or hf (transformers GlmForCausalLM)."
 TOKENIZER_FROM_HELP = ("Copy tokenizer.model / tokenizer_config.json from this directory (e.g. a real GLM-4 "
@@ -78,6 +81,17 @@ WEIGHT_ZERO_POINT_HELP = ("int4 zero points (asymmetric blocks): lower error, ~1
                           "not available for TensorRT (its DequantizeLinear takes none). Default: off.")
 
 
+class LMHead(str, Enum):
+    same = "same"
+    float = "float"
+    int8 = "int8"
+
+
+LM_HEAD_HELP = ("Output layer (lm_head) precision in a quantized artifact: same (as the rest), float (unquantized: "
+                "fp32 on ONNX Runtime, fp16 on TensorRT) or int8 (W8A8 per-channel, SmoothQuant; for int4 / fp8). "
+                "See docs/quantization.md for what each costs in accuracy, bytes and speed.")
+
+
 class KVCacheDType(str, Enum):
     model = "model"
     int8 = "int8"
@@ -101,14 +115,22 @@ def friendly_errors(fn: F) -> F:
         from glm_export.build import BuildError
         from glm_export.checkpoint import CheckpointError
         from glm_export.engine import EngineError
+        from glm_export.weight_check import WeightError
         from glm_runtime.config import ConfigError
         from glm_runtime.manifest import ArtifactError
 
         try:
             return fn(*args, **kwargs)
         except (CheckpointError, ConfigError, ArtifactError, OutputExistsError, FileNotFoundError, BuildError,
-                EngineError, BuildInProgressError) as e:
+                EngineError, BuildInProgressError, WeightError) as e:
             console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+            raise typer.Exit(1) from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            console.print(f"[bold red]error:[/] no space left on the device ({e.filename or 'the output'}): free "
+                          "space or write the output to another disk (-o); nothing was published",
+                          soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -148,12 +170,13 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create.")] = Path("glm4-onnx"),
     dtype: Annotated[DType, typer.Option(help=DTYPE_HELP)] = DType.float32,
     overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+    max_weight_abs: Annotated[float | None, typer.Option(help=MAX_WEIGHT_ABS_HELP, min=0)] = None,
 ) -> None:
     """Export a GLM-4 checkpoint to ONNX with KV-cache inputs/outputs, manifest and tokenizer files."""
     from glm_export.builtin import resolve_model
     from glm_export.export import export_onnx
 
-    export_onnx(resolve_model(model), out, dtype.value, overwrite=overwrite)
+    export_onnx(resolve_model(model), out, dtype.value, overwrite=overwrite, max_weight_abs=max_weight_abs)
 
 
 @app.command("build")
@@ -179,6 +202,7 @@ def build(
     weight_clip: Annotated[WeightClip, typer.Option(help=WEIGHT_CLIP_HELP)] = WeightClip.mse,
     weight_zero_point: Annotated[bool | None, typer.Option(help=WEIGHT_ZERO_POINT_HELP, show_default=False)] = None,
     kv_cache_dtype: Annotated[KVCacheDType, typer.Option(help=KV_CACHE_HELP)] = KVCacheDType.model,
+    lm_head: Annotated[LMHead, typer.Option(help=LM_HEAD_HELP)] = LMHead.same,
     int8_reduce_range: Annotated[bool | None, typer.Option(
         "--int8-reduce-range/--int8-full-range", show_default=False,
         help="int8 weights in 7 bits (exact on every x86 CPU) or 8 bits (half the rounding error; needs a CPU with "
@@ -187,6 +211,7 @@ def build(
     accuracy_samples: Annotated[int, typer.Option(help="Held-out sequences for the accuracy report (0: skip).")]
     = 8,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
+    max_weight_abs: Annotated[float | None, typer.Option(help=MAX_WEIGHT_ABS_HELP, min=0)] = None,
     stream: Annotated[bool | None, typer.Option(
         "--stream/--no-stream", show_default=False,
         help="Quantize for ONNX Runtime one decoder layer at a time (the same artifact, never the float32 model "
@@ -195,6 +220,10 @@ def build(
     skip_memory_check: Annotated[bool, typer.Option(
         help="Build even when the up-front estimate of peak RAM or disk (docs/memory.md) says it will not fit.")]
     = False,
+    eval_text: Annotated[Path | None, typer.Option(help="Also measure held-out perplexity, KL and top-1 against the "
+                                                   "PyTorch checkpoint on this raw text (as glm-export eval) into "
+                                                   "the report.")] = None,
+    eval_ctx: Annotated[int, typer.Option(help="Window of --eval-text, in tokens.", min=2)] = 256,
 ) -> None:
     """Export, (quantize), build engines and validate: the whole pipeline into one artifact directory."""
     from glm_export.build import build_artifact
@@ -205,11 +234,12 @@ def build(
     quant = QuantOptions(calibration=calibration, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                          smoothquant_alpha=smoothquant_alpha, weight_block=weight_block,
                          weight_method=weight_method.value, weight_clip=weight_clip.value,
-                         weight_zero_point=weight_zero_point, kv_cache=kv_cache_dtype.value,
+                         weight_zero_point=weight_zero_point, kv_cache=kv_cache_dtype.value, lm_head=lm_head.value,
                          int8_reduce_range=int8_reduce_range, accuracy_samples=accuracy_samples)
     build_artifact(model, out, precision.value, overwrite=overwrite, validate=validate,
                    backend=backend.value if backend else None, engine=spec, quant=quant, resume=resume,
-                   stream=stream, memory_check=not skip_memory_check)
+                   max_weight_abs=max_weight_abs, stream=stream, memory_check=not skip_memory_check,
+                   eval_text=eval_text, eval_ctx=eval_ctx)
 
 
 @app.command("engine")
@@ -265,6 +295,52 @@ def env(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable o
     extra = (f"torch: {t['version']} (CUDA {t['cuda'] or 'none'}, available {t['cuda_available']}, "
              f"{t['threads']} threads)" if "version" in t else f"torch: {t['error']}")
     sys.stdout.write(hostinfo.render(info) + "\n" + extra + "\n")
+
+
+class EvalScore(str, Enum):
+    all = "all"
+    second_half = "second-half"
+
+
+class EvalBackend(str, Enum):
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    model: Annotated[Path, typer.Argument(help="Artifact directory (ONNX Runtime, or its TensorRT engine on a GPU) "
+                                          "or checkpoint directory (PyTorch fp32).")],
+    text: Annotated[Path, typer.Option(help="UTF-8 text file, tokenized as plain text (no special tokens).")],
+    ctx: Annotated[int, typer.Option(help="Tokens per non-overlapping window.", min=2)] = 256,
+    reference: Annotated[Path | None, typer.Option(help="Artifact or checkpoint to compare with: adds KL, top-1 "
+                                                   "agreement and Δ perplexity.")] = None,
+    score: Annotated[EvalScore, typer.Option(help="Score every token after a window's first (all), or only the "
+                                             "second half of each window (as llama-perplexity).")] = EvalScore.all,
+    max_windows: Annotated[int | None, typer.Option(help="Evaluate at most this many windows.", min=1)] = None,
+    backend: Annotated[EvalBackend, typer.Option(help="For an artifact: auto (its TensorRT engine when a GPU is "
+                                                 "here, else ONNX Runtime), onnxruntime or tensorrt.")]
+    = EvalBackend.auto,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (ONNX Runtime / PyTorch).", min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Held-out perplexity of a model on raw text (non-overlapping windows), with a reference also KL divergence,
+    top-1 agreement and Δ perplexity, as llama-perplexity (--kl-divergence) reports them."""
+    import json
+
+    from glm_export.evaluate import EvalError, evaluate, markdown
+
+    try:
+        res = evaluate(model, text, ctx, reference, score.value, max_windows, backend.value, threads)
+    except EvalError as e:
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
+    if as_json:
+        sys.stdout.write(json.dumps(res.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write("\n".join(markdown(res)) + "\n")
 
 
 class TorchDType(str, Enum):

@@ -35,6 +35,7 @@ from glm_export import atomic
 from glm_export.checkpoint import Checkpoint
 from glm_export.model import GLM4, is_matmul_weight, torch_dtype
 from glm_export.progress import bytes_progress, console
+from glm_export.weight_check import WeightError
 from glm_runtime import manifest as mf
 from glm_runtime.config import ModelConfig
 
@@ -137,20 +138,26 @@ def _stream_weights(model: ir.Model, ckpt: Checkpoint, dtype: torch.dtype) -> in
 
 
 def export_onnx(
-    model_dir: Path, out: Path, dtype: str = "float32", overwrite: bool = False, check: bool = True
+    model_dir: Path, out: Path, dtype: str = "float32", overwrite: bool = False, check: bool = True,
+    max_weight_abs: float | None = None,
 ) -> dict[str, Any]:
-    """Export ``model_dir`` to a new artifact directory ``out`` (atomically); return its manifest."""
+    """Export ``model_dir`` to a new artifact directory ``out`` (atomically); return its manifest.
+
+    Every weight is checked on its way through (non-finite values, and magnitudes over ``max_weight_abs``):
+    :mod:`glm_export.weight_check`.
+    """
     with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
-        manifest = export_into(model_dir, tmp, dtype, check=check)
+        manifest = export_into(model_dir, tmp, dtype, check=check, max_weight_abs=max_weight_abs)
         write_manifest(tmp, manifest)
     console.print(f"wrote {out} in {manifest['timings']['export_s']:.1f} s")
     return manifest
 
 
-def export_into(model_dir: Path, tmp: Path, dtype: str = "float32", check: bool = True) -> dict[str, Any]:
+def export_into(model_dir: Path, tmp: Path, dtype: str = "float32", check: bool = True,
+                max_weight_abs: float | None = None) -> dict[str, Any]:
     """Write the graph and side files into the (staging) directory ``tmp``; return the manifest to write."""
     t0 = time.perf_counter()
-    ckpt = Checkpoint(model_dir)
+    ckpt = Checkpoint(model_dir, max_weight_abs=max_weight_abs)
     ckpt.validate()
     cfg = ckpt.config
     tdtype = torch_dtype(dtype)
@@ -168,8 +175,14 @@ def export_into(model_dir: Path, tmp: Path, dtype: str = "float32", check: bool 
             progress.advance(task, tensor.nbytes)
 
         # One tensor in flight at a time: peak memory is one converted tensor, not a GB-sized window.
-        ir.save(graph, tmp / ONNX_FILE, external_data=ONNX_DATA if external else None, callback=advance,
-                max_workers=1, max_in_flight_bytes=1)
+        try:
+            ir.save(graph, tmp / ONNX_FILE, external_data=ONNX_DATA if external else None, callback=advance,
+                    max_workers=1, max_in_flight_bytes=1)
+        except Exception as e:  # onnx_ir wraps what a lazy tensor raised; a bad weight is the user's one line
+            bad = _cause(e, WeightError)
+            if bad is None:
+                raise
+            raise bad from None
         progress.update(task, completed=total)
     del graph
     if check:
@@ -178,6 +191,17 @@ def export_into(model_dir: Path, tmp: Path, dtype: str = "float32", check: bool 
     manifest = build_manifest(tmp, cfg, dtype, ckpt, extra_info=extra)
     manifest["timings"] = {"trace_s": round(t_trace, 2), "export_s": round(time.perf_counter() - t0, 2)}
     return manifest
+
+
+def _cause(e: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type ``kind`` in ``e``'s chain of causes and contexts."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _copy_side_files(model_dir: Path, dst: Path) -> dict[str, Any]:

@@ -58,6 +58,7 @@ WEIGHT_METHODS = ("rtn", "awq")
 BLOCK_SIZES = (32, 64, 128)
 KV_CACHE_CHOICES = quant_kv.KV_CACHE_DTYPES
 INT4_FORMATS = ("nbits", "qdq")
+LM_HEAD_CHOICES = ("same", "float", "int8")
 FP8_MAX = 448.0
 AWQ_GRID = 20
 
@@ -84,7 +85,10 @@ class QuantOptions:
     weight_zero_point: bool | None = None
     kv_cache: str = "model"  # "model" (graph dtype) or "int8" (static per-tensor scales, ONNX Runtime; quant_kv.py)
     int4_format: str = "nbits"  # "nbits" (ORT MatMulNBits) or "qdq" (blocked DequantizeLinear, TensorRT)
-    quantize_lm_head: bool = True
+    # Output layer: "same" (the artifact's precision and method), "float" (left in the graph's float type: fp32 on
+    # ONNX Runtime, fp16 for TensorRT) or "int8" (W8A8 per-channel with SmoothQuant, as --precision int8, inside an
+    # int4 / fp8 artifact). Its error reaches every logit directly; llama.cpp keeps it at 6 bits in Q4_K_M.
+    lm_head: str = "same"
     # int8 weights in [-63, 63] (ORT's reduce_range) or the full [-127, 127]. None: chosen for the build host
     # (resolve_host_options). ONNX Runtime's x86 int8 kernels without an int8 dot product (AVX2 only) add u8*s8
     # pairs in int16 and saturate with full-range weights (measured: 0.3 abs error on a 200-deep dot product, exact
@@ -157,6 +161,10 @@ def check_options(precision: str, options: QuantOptions) -> None:
         raise QuantizeError("int4 zero points (--weight-zero-point) do not work on TensorRT: its DequantizeLinear "
                             "accepts only zero-valued zero points. Use --no-weight-zero-point (symmetric blocks) "
                             "for TensorRT backends")
+    if options.lm_head not in LM_HEAD_CHOICES:
+        raise QuantizeError(f"--lm-head {options.lm_head!r}: choose one of {LM_HEAD_CHOICES}")
+    if options.lm_head == "int8" and precision == "int8":
+        raise QuantizeError("--lm-head int8 is what --precision int8 does already: use --lm-head same")
     if options.kv_cache not in KV_CACHE_CHOICES:
         raise QuantizeError(f"--kv-cache-dtype {options.kv_cache!r}: choose one of {KV_CACHE_CHOICES} ('model' keeps "
                             f"the graph's float type)")
@@ -319,7 +327,12 @@ class Weights:
 
 def targets(cfg: Any, options: QuantOptions) -> list[str]:
     names = [f"layers.{i}.{m}.weight" for i in range(cfg.num_layers) for m in ("qkv", "o_proj", "gate_up", "down")]
-    return names + (["lm_head.weight"] if options.quantize_lm_head else [])
+    return names + (["lm_head.weight"] if options.lm_head != "float" else [])
+
+
+def module_precision(name: str, precision: str, options: QuantOptions) -> str:
+    """The precision one MatMul gets: the artifact's, except an int8 output layer (``lm_head="int8"``)."""
+    return "int8" if name == "lm_head.weight" and options.lm_head == "int8" else precision
 
 
 # ---- graph edits ---------------------------------------------------------------------------------------------------
@@ -419,7 +432,7 @@ def quantize_graph(model: ir.Model, cfg: Any, precision: str, options: QuantOpti
     return layers
 
 
-def quantize_names(names: list[str], w: Weights, rw: Rewriter, precision: str, options: QuantOptions,
+def quantize_names(names: list[str], w: Weights, rw: Rewriter, artifact_precision: str, options: QuantOptions,
                    stats: Stats) -> dict[str, Any]:
     """Quantize the MatMuls ``names`` and write back every tensor their folds edited; per-module details.
 
@@ -431,6 +444,7 @@ def quantize_names(names: list[str], w: Weights, rw: Rewriter, precision: str, o
     for name in names:
         st = stats.modules[name]
         amax = st.absmax.numpy().astype(np.float32)
+        precision = module_precision(name, artifact_precision, options)
         tie = w.tie(name)
         info: dict[str, Any] = {}
         if precision == "int8" and options.smoothquant_alpha > 0:
@@ -450,6 +464,7 @@ def quantize_names(names: list[str], w: Weights, rw: Rewriter, precision: str, o
             info["act_absmax"] = round(float(amax.max()), 4)
         layers[name] = info
     for name in names:  # after all folding: a later module's fold may edit an earlier weight's columns
+        precision = module_precision(name, artifact_precision, options)
         if precision == "int4":
             x = rows.pop(name)
             zp = int4_zero_point(options)
@@ -613,7 +628,8 @@ def describe(precision: str, options: QuantOptions) -> str:
 
 
 def _describe_weights(precision: str, options: QuantOptions) -> str:
-    head = " and lm_head" if options.quantize_lm_head else " (lm_head fp32)"
+    head = {"same": " and lm_head", "float": " (lm_head in the graph's float type)",
+            "int8": " (lm_head int8 W8A8, per-channel, SmoothQuant)"}[options.lm_head]
     if precision == "int8":
         sm = f"SmoothQuant alpha {options.smoothquant_alpha}" if options.smoothquant_alpha else "no smoothing"
         bits = "7-bit range (reduce_range)" if options.int8_reduce_range else "full range"

@@ -98,8 +98,9 @@ def write_random_model(
     if layout not in LAYOUT_CHOICES:
         raise ValueError(f"layout {layout!r} is not one of {LAYOUT_CHOICES}")
     # Plan shards up front so every file gets its final "-of-N" name.
-    parts = [(canonical, name, shape) for canonical in canonical_shapes(cfg)
-             for name, shape in source_parts(cfg, layout, canonical)]
+    shapes = canonical_shapes(cfg)
+    parts = [(canonical, name, shape) for canonical in shapes
+             for name, shape in source_parts(cfg, layout, canonical, shapes)]
     shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     size = 0
     for part in parts:

@@ -7,7 +7,8 @@
 
 A precision is ``fp32``, ``int8``, ``fp8``, ``int4`` (the defaults), or ``int4/...`` with any of: ``b32`` /
 ``b64`` / ``b128`` (block), ``awq`` / ``rtn``, ``mse`` / ``none`` (clip search), ``zp`` / ``sym`` (zero
-points), ``head-fp`` (lm_head left unquantized), ``kv8`` (int8 KV cache; also ``int8/kv8``); each variant
+points), ``head-fp`` (lm_head left unquantized), ``head8`` (lm_head int8 W8A8), ``kv8`` (int8 KV cache;
+also ``int8/kv8``); each variant
 gets its own directory.
 
 The fp32 graph (``--fp32``, or exported into ``--work``) is quantized into ``--work/<precision>`` unless that
@@ -55,7 +56,9 @@ def parse_variant(spec: str, base: QuantOptions) -> tuple[str, QuantOptions]:
         elif t == "kv8":
             opts = replace(opts, kv_cache="int8")
         elif t == "head-fp":
-            opts = replace(opts, quantize_lm_head=False)
+            opts = replace(opts, lm_head="float")
+        elif t == "head8":
+            opts = replace(opts, lm_head="int8")
         else:
             raise SystemExit(f"unknown variant token {t!r} in {spec!r}")
     return precision, opts

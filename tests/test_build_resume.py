@@ -141,7 +141,7 @@ def test_no_resume_starts_over_and_a_changed_checkpoint_invalidates(tmp_path: Pa
 
 def test_a_second_build_into_the_same_output_is_refused(tmp_path: Path, tiny_checkpoint: Path) -> None:
     out = tmp_path / "x"
-    with open(tmp_path / ".x.build.lock", "w") as lock:
+    with open(tmp_path / ".x.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         with pytest.raises(BuildInProgressError, match="another build"):
             build_mod.build_artifact(tiny_checkpoint, out, "fp32", backend="onnxruntime")

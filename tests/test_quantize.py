@@ -20,9 +20,11 @@ from glm_export import accuracy, numerics
 from glm_export.checkpoint import load_model
 from glm_export.quant_int4 import Int4Blocks
 from glm_export.quantize import (
+    QuantizeError,
     QuantOptions,
     Rewriter,
     Weights,
+    check_options,
     quant_fp8_channel,
     quant_int4_blocks,
     quant_int8_channel,
@@ -220,3 +222,24 @@ def test_fp16_graph_for_tensorrt(tiny_checkpoint: Path, tmp_path: Path) -> None:
 
     entry = build_engine(art, EngineSpec("tensorrt-rtx", max_context=256, max_prefill=128), "int4", 8192)
     assert entry["bytes"] > 0
+
+
+@pytest.mark.parametrize("lm_head", ["float", "int8"])
+def test_lm_head_precision(lm_head: str, tiny_checkpoint: Path, tiny_artifact: Path, tmp_path: Path) -> None:
+    """--lm-head: the output layer stays a float MatMul, or becomes W8A8 (QuantizeLinear on its input) inside an
+    int4 artifact whose decoder MatMuls are all MatMulNBits."""
+    art = tmp_path / lm_head
+    shutil.copytree(tiny_artifact, art)
+    opts = QuantOptions(**{**FAST, "accuracy_samples": 0}, lm_head=lm_head)
+    report = quantize_into(tiny_checkpoint, art, "int4", opts)
+    m = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("MatMulNBits") == 8
+    inits = {t.name: t.data_type for t in m.graph.initializer}
+    if lm_head == "float":
+        assert inits["lm_head.weight"] == onnx.TensorProto.FLOAT and "QuantizeLinear" not in ops
+        assert "lm_head in the graph's float type" in report["scheme"]
+    else:
+        assert inits["lm_head.weight_quantized"] == onnx.TensorProto.INT8 and ops.count("QuantizeLinear") == 1
+    with pytest.raises(QuantizeError, match="--lm-head int8 is what --precision int8 does"):
+        check_options("int8", QuantOptions(lm_head="int8"))

@@ -192,7 +192,7 @@ def test_client_errors_are_openai_style_4xx(served: tuple[str, Scheduler]) -> No
         (chat, json.dumps({**good, "n": 9}).encode(), 400, "sequences"),
         (chat, json.dumps({**good, "n": 10**30}).encode(), 400, "sequences"),  # refused before building them
         (chat, b"[" * 50_000, 400, "JSON"),
-        (chat, json.dumps({**good, "logprobs": True}).encode(), 400, "logprobs"),
+        (chat, json.dumps({**good, "logprobs": True, "top_logprobs": 21}).encode(), 400, "top_logprobs"),
         (chat, json.dumps({**good, "frequency_penalty": 0.5}).encode(), 400, "repetition_penalty"),
         (chat, json.dumps({**good, "stop": [""]}).encode(), 400, "stop"),
         (chat, json.dumps({**good, "messages": [{"role": "user", "content": "x" * 120_000}]}).encode(), 413, "bytes"),

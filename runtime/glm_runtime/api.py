@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -548,16 +549,46 @@ def load(artifact: str | Path, *, providers: list[str] | None = None, threads: i
     else:
         log.warning("%s has no tokenizer: it generates from token ids only (text in/out needs a tokenizer)",
                     artifact)
-    gen_path = artifact / "generation_config.json"
-    generation_config: dict[str, Any] = {}
-    if gen_path.is_file():
-        try:
-            generation_config = json.loads(gen_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ArtifactError(f"{gen_path} is not valid JSON ({e}): rebuild the artifact") from e
-        if not isinstance(generation_config, dict):
-            raise ArtifactError(f"{gen_path} must hold a JSON object: rebuild the artifact")
+    generation_config = read_generation_config(artifact / "generation_config.json")
     return LLM(artifact, manifest, engine, tokenizer, generation_config, prefill_chunk, kv_budget_bytes)
+
+
+#: generation_config.json keys the runtime reads, and the values each may hold.
+_GEN_NUMBERS = ("temperature", "top_p", "repetition_penalty")
+_GEN_COUNTS = ("top_k", "max_new_tokens")
+
+
+def read_generation_config(path: Path) -> dict[str, Any]:
+    """``generation_config.json`` (``{}`` when absent), with the keys the runtime reads checked: a wrong type
+    there surfaced later as a TypeError or OverflowError inside a request (issue 19, parser fuzzing)."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # also invalid UTF-8 and Python's integer-digit limit
+        raise ArtifactError(f"{path} is not valid JSON ({e}): rebuild the artifact") from e
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path} must hold a JSON object: rebuild the artifact")
+    config = {k: v for k, v in config.items() if v is not None}  # null means "not set" (transformers writes them)
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 31
+
+    problems = [f"{k} must be a finite number, got {config[k]!r:.40}" for k in _GEN_NUMBERS
+                if config.get(k) is not None and not number(config[k])]
+    problems += [f"{k} must be a non-negative integer, got {config[k]!r:.40}" for k in _GEN_COUNTS
+                 if config.get(k) is not None and not count(config[k])]
+    if "do_sample" in config and not isinstance(config["do_sample"], bool):
+        problems.append(f"do_sample must be true or false, got {config['do_sample']!r:.40}")
+    eos = config.get("eos_token_id")
+    if eos is not None and not (count(eos) or (isinstance(eos, list) and all(count(e) for e in eos))):
+        problems.append(f"eos_token_id must be a token id or a list of them, got {eos!r:.40}")
+    if problems:
+        raise ArtifactError(f"{path}: " + "; ".join(problems) + ": fix or remove the file")
+    return config
 
 
 def _version(v: str) -> tuple[int, ...]:

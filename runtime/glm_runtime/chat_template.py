@@ -17,7 +17,10 @@ passes it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -29,6 +32,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 #: Roles GLM-4's chat format has special tokens for.
 GLM_ROLES = frozenset({"system", "user", "assistant", "observation"})
+#: Seconds one rendering may take. GLM-4's own template renders a long conversation in milliseconds; a template
+#: with nested loops (each under the sandbox's range limit) ran for ever, pinning a server thread (issue 19, D7).
+RENDER_DEADLINE_S = 2.0
+#: Largest string/list a template may build with ``*``, and largest integer (in bits) with ``**``: work done inside
+#: one C call that no deadline can interrupt.
+MAX_REPEAT_ITEMS = 1 << 20
+MAX_POWER_BITS = 1 << 14
 
 
 class ChatTemplateError(ValueError):
@@ -73,8 +83,59 @@ class _Namespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
 
 
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, with ``*`` and ``**`` bounded (a single C call allocating gigabytes, or computing a
+    million-digit power, cannot be stopped by the render deadline)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_REPEAT_ITEMS:
+                    raise jinja2.exceptions.SecurityError(f"the template builds a sequence of {len(seq) * n} items "
+                                                          f"(limit {MAX_REPEAT_ITEMS})")
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
+            bits = right * math.log2(abs(left))
+            if bits > MAX_POWER_BITS:
+                raise jinja2.exceptions.SecurityError(f"the template computes a {bits:.0f}-bit power "
+                                                      f"(limit {MAX_POWER_BITS})")
+        return super().call_binop(context, operator, left, right)
+
+
+class TemplateDeadlineError(ChatTemplateError):
+    """The template ran past its render deadline."""
+
+
+def _with_deadline(fn: Callable[[], str], seconds: float) -> str:
+    """``fn()`` (a render), stopped with :class:`TemplateDeadlineError` once it runs ``seconds``.
+
+    A thread cannot be killed, so the deadline is checked from a trace function on every line executed in the
+    template's own compiled code (jinja2 compiles to Python with the file name ``<template>``); other code runs
+    untraced, at full speed. The trace is per thread, and the caller's own trace function (a debugger, coverage)
+    is put back afterwards.
+    """
+    end = time.monotonic() + seconds
+
+    def in_template(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > end:
+            raise TemplateDeadlineError(f"the chat template did not finish rendering within {seconds:g} s "
+                                        "(unbounded loops?); fix the template in tokenizer_config.json")
+        return in_template
+
+    def on_call(frame: Any, event: str, arg: Any) -> Any:
+        return in_template if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        return fn()
+    finally:
+        sys.settrace(previous)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols], autoescape=False
     )
     env.filters["tojson"] = _tojson
@@ -165,12 +226,14 @@ def render_chat_template(
     messages: Sequence[Mapping[str, Any]],
     tools: Sequence[Mapping[str, Any]] | None = None,
     add_generation_prompt: bool = True,
+    deadline_s: float = RENDER_DEADLINE_S,
     **extra: Any,
 ) -> str:
     """Render ``template`` over ``messages`` like transformers' ``apply_chat_template(tokenize=False)``.
 
     ``tools`` go to the template's top-level ``tools`` when it reads one, else onto a leading system message
-    (module docstring). ``extra`` become template variables.
+    (module docstring). ``extra`` become template variables. Each rendering must finish within ``deadline_s``
+    (:class:`TemplateDeadlineError` otherwise).
     """
     compiled = compile_chat_template(template)
     msgs = normalize_messages(messages)
@@ -179,13 +242,15 @@ def render_chat_template(
 
     def render(msgs: list[dict[str, Any]], tool_list: list[dict[str, Any]] | None) -> str:
         try:
-            return compiled.render(
+            return _with_deadline(lambda: compiled.render(
                 messages=msgs,
                 tools=tool_list,
                 documents=None,
                 add_generation_prompt=bool(add_generation_prompt),
                 **variables,
-            )
+            ), deadline_s)
+        except TemplateDeadlineError:
+            raise
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
         except Exception as exc:  # the template is data: any failure in it is a template failure

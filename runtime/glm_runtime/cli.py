@@ -342,7 +342,7 @@ def serve(
     artifact: Artifact,
     host: Annotated[str, typer.Option(help="Address to listen on. Loopback by default: exposing the server is an "
                                            "explicit choice (then use --api-key-file).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
     api_key_file: Annotated[Path | None, typer.Option(help="File holding the API key clients must send as "
                                                            "'Authorization: Bearer KEY'.")] = None,
     max_concurrency: Annotated[int, typer.Option(help="Sequences decoded together (rows of the KV pool).")] = 8,
@@ -356,14 +356,44 @@ def serve(
                                                         "directory's name).")] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on "
                                                          "SIGTERM/SIGINT before they are cancelled.")] = 30.0,
+    max_connections: Annotated[int | None, typer.Option(help="Open connections (default: up to 1000, as the "
+                                                              "open-files limit allows); past it idle ones are "
+                                                              "closed first.")] = None,
+    head_timeout: Annotated[float, typer.Option(help="Seconds a connection has to send a complete request head "
+                                                     "(after connecting or after its previous response).")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="Seconds a request has to send its whole body (HTTP 408 "
+                                                     "beyond).")] = 30.0,
+    send_timeout: Annotated[float, typer.Option(help="Seconds writes to a client may stay blocked (it stopped "
+                                                     "reading) before it is disconnected.")] = 60.0,
     threads: Threads = None,
     provider: Provider = None,
     verify: VerifyOpt = Verify.hash,
     prefill_chunk: PrefillChunk = 512,
     kv_budget_gb: Budget = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve through Ray Serve (replicas, autoscaling, replacement "
+                                                     "of failed replicas; pip install 'glm-runtime[ray]'). "
+                                                     "docs/scale-out.md.")] = False,
+    replicas: Annotated[int, typer.Option(help="With --ray: replicas, each with its own engine.")] = 1,
+    autoscale: Annotated[str | None, typer.Option(help="With --ray: MIN:MAX replicas, scaled on ongoing "
+                                                       "requests (target: --max-concurrency per replica).")] = None,
+    router: Annotated[str, typer.Option(help="With --ray: 'affinity' (the turns of one x-session-id go to one "
+                                             "replica) or 'pow2' (Serve's default).")] = "affinity",
+    ray_address: Annotated[str | None, typer.Option(help="With --ray: join this Ray cluster ('auto': the local "
+                                                         "one) instead of starting Ray here.")] = None,
+    replica_cpus: Annotated[float | None, typer.Option(help="With --ray: CPUs Ray reserves per replica "
+                                                            "(default: --threads, else 1).")] = None,
+    prefix_cache_gb: Annotated[float | None, typer.Option(
+        help="Bound of the automatic prefix cache (K/V of earlier requests' prompts and answers, reused by any "
+             "request that starts with the same tokens); 0 turns it off. Default: what the KV budget leaves "
+             "beside the pool.")] = None,
 ) -> None:
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)
     with continuous batching. Stops gracefully on SIGTERM."""
+    if ray:
+        _serve_ray(artifact, host, port, api_key_file, max_concurrency, max_queue, max_model_len, max_tokens_limit,
+                   max_body_bytes, model_name, shutdown_timeout, threads, provider, verify, prefill_chunk,
+                   kv_budget_gb, replicas, autoscale, router, ray_address, replica_cpus)
+        return
     try:
         from glm_runtime import server
     except ImportError as e:
@@ -375,10 +405,46 @@ def serve(
     llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb)
     scheduler = Scheduler(llm.engine, max_concurrency=max_concurrency, max_queue=max_queue,
                           prefill_chunk=prefill_chunk, kv_budget_bytes=llm.generator.kv_budget_bytes,
-                          max_cache_len=max_model_len)
+                          max_cache_len=max_model_len,
+                          prefix_cache_bytes=int(prefix_cache_gb * 1e9) if prefix_cache_gb is not None else None)
     name = model_name or artifact.resolve().name
-    settings = server.ServerSettings(name, key, max_body_bytes, max_tokens_limit)
+    if min(head_timeout, body_timeout, send_timeout) <= 0 or (max_connections is not None and max_connections < 1):
+        raise ValueError("--head-timeout, --body-timeout and --send-timeout must be > 0 s and --max-connections >= 1")
+    limits = server.Limits(head_timeout=head_timeout, body_timeout=body_timeout, send_timeout=send_timeout,
+                           max_connections=max_connections)
+    settings = server.ServerSettings(name, key, max_body_bytes, max_tokens_limit, limits=limits)
     console.print(f"serving [bold]{escape(name)}[/] on http://{host}:{port}/v1 ({max_concurrency} concurrent "
                   f"sequences, up to {scheduler.max_cache_len} tokens each; {scheduler.plan.arithmetic()})",
                   soft_wrap=True)
     server.serve(llm, scheduler, settings, host, port, shutdown_timeout)
+
+
+def _serve_ray(artifact: Path, host: str, port: int, api_key_file: Path | None, max_concurrency: int, max_queue: int,
+               max_model_len: int | None, max_tokens_limit: int, max_body_bytes: int, model_name: str | None,
+               shutdown_timeout: float, threads: int | None, provider: list[str] | None, verify: Verify,
+               prefill_chunk: int, kv_budget_gb: float | None, replicas: int, autoscale: str | None, router: str,
+               ray_address: str | None, replica_cpus: float | None) -> None:
+    """``serve --ray``: the same app on Ray Serve (glm_runtime.ray_app, imported only here: ray is optional)."""
+    try:
+        from glm_runtime import ray_app
+    except ImportError as e:
+        raise ValueError(f"--ray needs {e.name or 'ray[serve]'}, which is not installed: "
+                         f"pip install 'glm-runtime[ray]'") from None
+    from glm_runtime.server import LOOPBACK, read_api_key
+
+    if api_key_file is not None:
+        read_api_key(api_key_file)  # refuse a bad key file here, not in every replica
+    elif host not in LOOPBACK:
+        console.print(f"[yellow]listening on {escape(host)} without an API key: anyone who can reach this port "
+                      f"can use the model (--api-key-file)[/]")
+    cfg = ray_app.ReplicaConfig(str(artifact.resolve()), model_name or artifact.resolve().name,
+                                str(api_key_file.resolve()) if api_key_file is not None else None, max_concurrency,
+                                max_queue, max_model_len, max_tokens_limit, max_body_bytes, threads, provider,
+                                verify.value, prefill_chunk, kv_budget_gb)
+    scale = ray_app.parse_autoscale(autoscale)
+    ray_app.deployment_options(cfg, replicas, scale, router)  # bad flags fail before Ray starts
+    what = f"{scale[0]}-{scale[1]} replicas (autoscaled)" if scale else f"{replicas} replica(s)"
+    console.print(f"serving [bold]{escape(cfg.model_name or '')}[/] on http://{host}:{port}/v1 through Ray Serve: "
+                  f"{what}, {router} routing, {max_concurrency} concurrent sequences each", soft_wrap=True)
+    ray_app.run(cfg, host, port, ray_address, replica_cpus, replicas=replicas, autoscale=scale, router=router,
+                shutdown_timeout=shutdown_timeout)

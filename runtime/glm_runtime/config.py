@@ -23,6 +23,12 @@ class ConfigError(ValueError):
     """A config.json we cannot (or must not) turn into a GLM-4 model; the message says what to do."""
 
 
+#: Upper bounds of a plausible config (GLM-4-9B: vocab 151552, hidden 4096, 40 layers, ffn 13696, context 1M for
+#: -chat-1m), generous for larger relatives; beyond them a config is corrupt or hostile. Other sizes: 2**20.
+SIZE_LIMITS = {"vocab_size": 1 << 24, "num_layers": 4096, "max_position": 1 << 24, "num_heads": 4096,
+               "num_kv_heads": 4096, "head_dim": 4096, "rotary_dim": 4096}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """GLM-4 hyper-parameters, named once for every consumer.
@@ -56,6 +62,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
+            elif value > SIZE_LIMITS.get(name, 1 << 20):  # e.g. vocab_size 10**12 ended in a MemoryError
+                problems.append(f"{name} {value} is beyond any GLM-4 model (limit {SIZE_LIMITS.get(name, 1 << 20)})")
         if not problems:
             if self.num_heads % self.num_kv_heads:
                 problems.append(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "

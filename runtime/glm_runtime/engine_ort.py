@@ -63,6 +63,18 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
+def ort_load_advice(message: str) -> str:
+    """What to do about an ONNX Runtime load failure: a version problem only when the message says so (every
+    failure used to advise an upgrade, even for a corrupt file: issue 19)."""
+    version_signs = ("opset", "not_implemented", "could not find an implementation", "is not a registered",
+                     "unsupported model ir version", "ir_version")
+    if any(sign in message.lower() for sign in version_signs):
+        return ("The graph needs opset 24 (onnxruntime >= 1.22); upgrade onnxruntime or rebuild the artifact with "
+                "this version")
+    return ("The file looks damaged or is not this artifact's graph: check the artifact (--verify hash) and copy "
+            "or rebuild it")
+
+
 class OrtKVCache:
     """K/V buffers of one batch of sequence slots, plus the logits buffer and the IO binding that use them."""
 
@@ -113,9 +125,8 @@ class OrtEngine:
         try:
             self.session = ort.InferenceSession(str(self.model_path), opts, providers=requested)
         except Exception as e:  # ORT raises its own pybind types (Fail, InvalidGraph, NotImplemented)
-            raise ArtifactError(
-                f"ONNX Runtime {ort.__version__} cannot load {self.model_path}: {e}\nThe graph needs opset 24 "
-                f"(onnxruntime >= 1.22); upgrade onnxruntime or rebuild the artifact with this version") from e
+            raise ArtifactError(f"ONNX Runtime {ort.__version__} cannot load {self.model_path}: {e}\n"
+                                + ort_load_advice(str(e))) from e
         log.info("model loaded in %.1f s", time.perf_counter() - t0)
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
@@ -242,6 +253,46 @@ class OrtEngine:
         for value in cache.values:
             copy_device_rows(value.data_ptr(), cfg.num_kv_heads, cache.cache_len, cfg.head_dim * self.itemsize,
                              src, dst, length)
+
+    def step_all(self, cache: OrtKVCache, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """A step returning the logits of every input position, ``[batch, seq, vocab]`` (a new array): for
+        prompt logprobs. The cache's own logits buffer holds one position per row, so another is bound for this
+        call only."""
+        batch, seq = input_ids.shape
+        out = np.empty((batch, seq, self.config.vocab_size), np.float32)
+        index = np.ascontiguousarray(np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)))
+        cache.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
+        try:
+            self.step(cache, input_ids, position_ids, index)
+        finally:
+            cache.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(cache.logits))
+        return out
+
+    # ---- slots to and from host memory (prefix caching) ----------------------------------------------
+    def read_slots(self, cache: OrtKVCache, row: int, start: int, stop: int) -> np.ndarray:
+        """Slots ``[start, stop)`` of ``row`` in every buffer: ``[2 x layers, kv_heads, n, head_dim]`` (on CUDA
+        raw bytes ``[..., n, head_dim x itemsize]`` as uint8: the host copy is only ever written back)."""
+        if self.device == "cpu":
+            return np.stack([arr[row, :, start:stop] for arr in cache.arrays])
+        from glm_runtime.engine_trt import copy_slots_to_host
+
+        cfg = self.config
+        out = np.empty((len(cache.values), cfg.num_kv_heads, stop - start, cfg.head_dim * self.itemsize), np.uint8)
+        for i, value in enumerate(cache.values):
+            copy_slots_to_host(value.data_ptr(), cfg.num_kv_heads, cache.cache_len, row, start, out[i])
+        return out
+
+    def write_slots(self, cache: OrtKVCache, row: int, start: int, data: np.ndarray) -> None:
+        n = data.shape[2]
+        if self.device == "cpu":
+            for arr, block in zip(cache.arrays, data, strict=True):
+                arr[row, :, start:start + n] = block
+            return
+        from glm_runtime.engine_trt import copy_slots_from_host
+
+        cfg = self.config
+        for value, block in zip(cache.values, data, strict=True):
+            copy_slots_from_host(value.data_ptr(), cfg.num_kv_heads, cache.cache_len, row, start, block)
 
     def step(self, cache: OrtKVCache, input_ids: np.ndarray, position_ids: np.ndarray,  # type: ignore[override]
              logits_index: np.ndarray) -> np.ndarray:

@@ -119,6 +119,35 @@ def copy_device_rows(base: int, heads: int, cache_len: int, slot_bytes: int, src
     _ok(cudart.cudaStreamSynchronize(stream))
 
 
+def copy_slots_to_host(base: int, heads: int, cache_len: int, row: int, start: int, out: np.ndarray,
+                       stream: Any = 0) -> None:
+    """Slots ``[start, start + n)`` of ``row`` of one device buffer ``[rows, heads, cache_len, slot]`` into the
+    host array ``out [heads, n, slot_bytes]`` (uint8): one strided 2-D copy (prefix caching)."""
+    cudart = _cudart()
+    heads_, n, slot_bytes = out.shape
+    assert heads_ == heads and out.flags.c_contiguous
+    pitch = cache_len * slot_bytes
+    src = base + row * heads * pitch + start * slot_bytes
+    kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+    _ok(cudart.cudaMemcpy2DAsync(out.ctypes.data, n * slot_bytes, src, pitch, n * slot_bytes, heads, kind, stream))
+    _ok(cudart.cudaStreamSynchronize(stream))
+
+
+def copy_slots_from_host(base: int, heads: int, cache_len: int, row: int, start: int, data: np.ndarray,
+                         stream: Any = 0) -> None:
+    """The inverse of :func:`copy_slots_to_host`: ``data [heads, n, slot_bytes]`` into slots ``[start, start +
+    n)`` of ``row``."""
+    cudart = _cudart()
+    data = np.ascontiguousarray(data)
+    heads_, n, slot_bytes = data.shape
+    assert heads_ == heads
+    pitch = cache_len * slot_bytes
+    dst = base + row * heads * pitch + start * slot_bytes
+    kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+    _ok(cudart.cudaMemcpy2DAsync(dst, pitch, data.ctypes.data, n * slot_bytes, n * slot_bytes, heads, kind, stream))
+    _ok(cudart.cudaStreamSynchronize(stream))
+
+
 class TrtEngine:
     """One TensorRT engine on GPU 0, driven through the graph interface of ``docs/graph.md``."""
 
@@ -189,6 +218,19 @@ class TrtEngine:
         for ptr in cache.pointers:
             copy_device_rows(ptr, cfg.num_kv_heads, cache.cache_len, cfg.head_dim * self.cache_itemsize, src, dst,
                              length, self.stream)
+
+    def read_slots(self, cache: TrtKVCache, row: int, start: int, stop: int) -> np.ndarray:
+        """Slots ``[start, stop)`` of ``row``, every buffer, as raw bytes ``[2 x layers, kv_heads, n, slot]``."""
+        cfg = self.config
+        out = np.empty((len(cache.pointers), cfg.num_kv_heads, stop - start, cfg.head_dim * self.cache_itemsize),
+                       np.uint8)
+        for i, ptr in enumerate(cache.pointers):
+            copy_slots_to_host(ptr, cfg.num_kv_heads, cache.cache_len, row, start, out[i], self.stream)
+        return out
+
+    def write_slots(self, cache: TrtKVCache, row: int, start: int, data: np.ndarray) -> None:
+        for ptr, block in zip(cache.pointers, data, strict=True):
+            copy_slots_from_host(ptr, self.config.num_kv_heads, cache.cache_len, row, start, block, self.stream)
 
     def _check_size(self, batch: int, cache_len: int) -> None:
         if batch > self.max_batch or cache_len > self.max_context:

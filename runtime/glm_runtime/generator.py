@@ -112,6 +112,10 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+#: The advice a context-length error gives callers that can truncate (the HTTP API cannot: the server drops it).
+TRUNCATE_HINT = ", or ask for truncation (truncate=True / --truncate)"
+
+
 def fit_context(prompt: list[int], max_new_tokens: int, max_position: int, truncate: bool,
                 keep_prefix: int = 0) -> list[int]:
     """The prompt unchanged if ``prompt + max_new_tokens`` fits the context; else an error or, if asked, the
@@ -123,7 +127,7 @@ def fit_context(prompt: list[int], max_new_tokens: int, max_position: int, trunc
         raise ContextLengthError(
             f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's "
             f"context of {max_position} tokens: shorten the prompt, lower max_new_tokens"
-            + ("" if truncate else ", or ask for truncation (truncate=True / --truncate)"))
+            + ("" if truncate else TRUNCATE_HINT))
     drop = total - max_position
     log.warning("truncating the prompt: dropping its %d oldest tokens to fit the %d-token context", drop,
                 max_position)

@@ -18,6 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: The largest 1/temperature applied (float32 logits: larger factors only risk overflow, never change the draw).
+MAX_INV_TEMPERATURE = 1e30
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 #: First candidate-set size for top-p; widened x8 until it holds ``top_p`` of the mass.
 TOP_P_FIRST_CANDIDATES = 256
 
@@ -72,7 +77,7 @@ class Sampler:
             self._seen[row, ids[(ids >= 0) & (ids < self.vocab_size)]] = True
 
     def __call__(self, logits: np.ndarray, rows: Iterable[int] | None = None) -> np.ndarray:
-        """Next token per row of ``logits [batch, vocab]`` (modified in place by the penalty / temperature).
+        """Next token per row of ``logits [batch, vocab]`` (modified in place by the repetition penalty).
 
         ``rows`` limits the work to the rows still generating; other entries of the result are 0.
         """
@@ -94,7 +99,9 @@ class Sampler:
         if ids.size:
             s = z[ids]
             p = self.params.repetition_penalty
-            z[ids] = np.where(s < 0, s * p, s / p)
+            # Clipped to finite: an extreme penalty (1e-300, 1e300) overflowed to +-inf, and inf - inf = NaN later.
+            with np.errstate(over="ignore", divide="ignore"):
+                z[ids] = np.clip(np.where(s < 0, s * p, s / p), -FLOAT32_MAX, FLOAT32_MAX)
 
     def probabilities(self, logits: np.ndarray, row: int = 0) -> np.ndarray:
         """The full distribution row ``row`` would be sampled from (penalty, temperature, top-k, top-p applied).
@@ -115,12 +122,16 @@ class Sampler:
         return probs
 
     def _candidates(self, z: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-        """``(token ids or None for all, unnormalised weights)`` to draw from; ``z`` is scaled in place."""
+        """``(token ids or None for all, unnormalised weights)`` to draw from (``z`` itself is left as it is)."""
         p = self.params
-        if p.temperature != 1:
-            np.multiply(z, 1.0 / p.temperature, out=z)
         w = self._scratch
-        np.subtract(z, z.max(), out=w)
+        with np.errstate(over="ignore"):  # overflow to -inf only ever means weight 0, never NaN: z is finite
+            np.subtract(z, z.max(), out=w)  # first: scaling first turned z into +-inf for T near 0; inf - inf = NaN
+            if p.temperature != 1:
+                # Capped: 1/T overflows for T < ~1e-308 (and float32 beyond 1e38); with the cap, every token not
+                # tied with the best gets weight 0 for any T this small, which is what "near-greedy" means.
+                np.multiply(w, np.float32(MAX_INV_TEMPERATURE if p.temperature < 1 / MAX_INV_TEMPERATURE
+                                          else 1.0 / p.temperature), out=w)
         np.exp(w, out=w)  # unnormalised probabilities; exp(0) = 1 for the best token
         if p.top_k and p.top_k < w.size:
             cand = np.argpartition(w, -p.top_k)[-p.top_k:]

@@ -21,6 +21,11 @@ against the KV budget once at start (:func:`glm_runtime.engine.max_pool_cache_le
 it; a request longer than ``max_cache_len`` is refused when submitted, and when every row and the bounded
 queue are taken, :meth:`Scheduler.submit` raises :class:`QueueFullError` (HTTP 429) instead of queueing more.
 
+Prefix caching (:mod:`glm_runtime.prefix_cache`): a sequence's K/V are kept in blocks after its prompt is
+prefilled and when it ends; a new sequence whose prompt starts with held blocks gets them copied into its row
+and prefills only the rest. Sequences of one :meth:`Scheduler.submit` with the same prompt (``n > 1``) share one
+prefill: the first is prefilled, the others join with a copy of its row and of its last logits.
+
 Policy per engine-loop iteration: drop cancelled sequences; prefill queued sequences FIFO, spending about one
 ``prefill_chunk`` of prompt tokens per iteration (so decoding rows wait for at most one chunk): short prompts
 that arrived together are prefilled in one call on their adjacent free rows, a long one chunk by chunk through
@@ -31,6 +36,7 @@ request samples the same tokens whatever else is running.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -51,9 +57,15 @@ from glm_runtime.engine import (
     round_cache_len,
 )
 from glm_runtime.generator import DEFAULT_PREFILL_CHUNK, ContextLengthError
+from glm_runtime.logprobs import TokenLogprob, token_logprobs
+from glm_runtime.prefix_cache import Block, PrefixCache, SlotEngine
 from glm_runtime.sampling import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
+
+#: Prompt positions per prefill call when every position's logits are wanted (prompt logprobs): their
+#: ``[chunk, vocab]`` float32 logits are ~600 KB per position for GLM-4.
+SCORE_CHUNK = 128
 
 
 class QueueFullError(RuntimeError):
@@ -97,6 +109,22 @@ class Sequence:
     done: threading.Event = field(default_factory=threading.Event)
     cancel_requested: bool = False
     sampler: Sampler | None = None
+    #: Prompt tokens whose K/V came from the prefix cache (not prefilled), and whether the whole prefill was
+    #: shared with an identical prompt of the same submit (n > 1).
+    cached: int = 0
+    shared: bool = False
+    #: Same-prompt sequences of the same submit that join when this one's prefill ends (and their leader).
+    followers: list[Sequence] = field(default_factory=list)
+    leader: Sequence | None = None
+    chain: list[Block] = field(default_factory=list, repr=False)
+    #: ``logprobs``: top candidates to report per generated token (``None``: no logprobs); ``prompt_logprobs``:
+    #: the same for every prompt token after the first (needs logits at every prompt position: no prefix cache).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    output_logprobs: list[TokenLogprob] = field(default_factory=list, repr=False)
+    prompt_logprob_values: list[TokenLogprob] = field(default_factory=list, repr=False)
+    #: Constrained decoding (:class:`glm_runtime.grammar.Constraint`): masks the logits before each sample.
+    constraint: Any = field(default=None, repr=False)
 
     @property
     def length(self) -> int:
@@ -129,6 +157,10 @@ class Stats:
     queue_seconds_sum: float = 0.0
     resizes: int = 0
     engine_errors: int = 0
+    prefill_tokens: int = 0  # prompt tokens actually run through the engine
+    shared_prefill_tokens: int = 0  # prompt tokens of n > 1 siblings taken from their leader's row
+    grammar_tokens: int = 0  # tokens sampled under a grammar mask
+    grammar_seconds: float = 0.0  # time computing and applying those masks
 
 
 class Scheduler:
@@ -136,7 +168,9 @@ class Scheduler:
 
     def __init__(self, engine: RowEngine, *, max_concurrency: int = 8, max_queue: int = 32,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_budget_bytes: int | None = None,
-                 max_cache_len: int | None = None) -> None:
+                 max_cache_len: int | None = None, prefix_cache_bytes: int | None = None) -> None:
+        """``prefix_cache_bytes``: ``None`` lets the prefix cache use what the KV budget leaves beside the pool
+        (it shrinks as the pool grows), ``0`` turns it off, a number caps it further."""
         if not isinstance(engine, RowEngine):
             raise TypeError(f"{type(engine).__name__} cannot run row views (rows / copy_rows): it cannot batch "
                             f"continuously")
@@ -167,6 +201,14 @@ class Scheduler:
         self._admitted: list[Sequence] = []  # the last group taken from the queue
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._closed = False
+        self.prefix_cap = prefix_cache_bytes
+        self.prefix: PrefixCache | None = None
+        if prefix_cache_bytes != 0:
+            if isinstance(engine, SlotEngine):
+                self.prefix = PrefixCache(engine, 0)
+                self._set_prefix_capacity(CACHE_LEN_MULTIPLE)
+            else:
+                log.info("%s cannot copy K/V slots to host memory: no prefix caching", type(engine).__name__)
         self._thread = threading.Thread(target=self._loop, name="glm-engine", daemon=True)
         self._thread.start()
 
@@ -183,6 +225,9 @@ class Scheduler:
                 raise ValueError(f"the prompt has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
             if not isinstance(s.max_new_tokens, int) or s.max_new_tokens < 1:
                 raise ValueError(f"max_tokens must be a positive integer, got {s.max_new_tokens!r}")
+            if s.prompt_logprobs is not None and not hasattr(self.engine, "step_all"):
+                raise ValueError(f"prompt logprobs (echo with logprobs) need logits at every prompt position, which "
+                                 f"{type(self.engine).__name__} does not return; use the ONNX Runtime engine")
             if s.needed > self.max_cache_len:
                 raise ContextLengthError(
                     f"prompt ({len(s.prompt)} tokens) + max_tokens ({s.max_new_tokens}) = {s.needed} exceeds this "
@@ -194,17 +239,26 @@ class Scheduler:
             if self._closed:
                 raise SchedulerClosedError("the server is shutting down")
             free = self.max_concurrency - len(self._active) - (self._prefilling is not None)
-            if len(self._queue) + len(seqs) > free + self.max_queue:
+            queued = sum(1 + len(q.followers) for q in self._queue)
+            if queued + len(seqs) > free + self.max_queue:
                 self.stats.rejected += len(seqs)
                 raise QueueFullError(
                     f"all {self.max_concurrency} sequence slots are busy and {len(self._queue)} requests are "
                     f"waiting (queue bound {self.max_queue}): retry later")
             now = time.perf_counter()
+            leaders: dict[tuple[int, ...], Sequence] = {}
             for s in seqs:
                 s.t_submit = now
                 s.sampler = Sampler(s.params, 1, cfg.vocab_size)
                 s.sampler.observe(0, s.prompt)
-                self._queue.append(s)
+                lead = leaders.get(key := tuple(s.prompt))
+                if lead is not None and lead.max_new_tokens == s.max_new_tokens \
+                        and 1 + len(lead.followers) < self.max_concurrency:
+                    lead.followers.append(s)  # n > 1: one prefill for all
+                    s.leader = lead
+                else:
+                    leaders[key] = s
+                    self._queue.append(s)
             self.stats.submitted += len(seqs)
             self._cv.notify_all()
         return list(seqs)
@@ -215,8 +269,19 @@ class Scheduler:
             if seq.finish_reason is not None:
                 return
             seq.cancel_requested = True
-            if seq in self._queue:
-                self._queue.remove(seq)
+            lead = seq.leader
+            if lead is not None and seq in lead.followers:  # not yet joined: ends now
+                lead.followers.remove(seq)
+                queued = True
+            elif seq in self._queue:
+                i = self._queue.index(seq)
+                del self._queue[i]
+                if seq.followers:  # its siblings still want the prompt: the first becomes their leader
+                    new, *rest = seq.followers
+                    new.leader, new.followers, seq.followers = None, rest, []
+                    for f in rest:
+                        f.leader = new
+                    self._queue.insert(i, new)
                 queued = True
             else:
                 queued = False
@@ -228,7 +293,8 @@ class Scheduler:
         """Stop: refuse new sequences, cancel queued and running ones, join the engine thread."""
         with self._cv:
             self._closed = True
-            queued, self._queue = list(self._queue), deque()
+            queued = [f for q in self._queue for f in (q, *q.followers)]
+            self._queue = deque()
             for s in [*self._active, *([self._prefilling] if self._prefilling else [])]:
                 s.cancel_requested = True
             self._cv.notify_all()
@@ -245,7 +311,8 @@ class Scheduler:
                     "cache_len": pool.cache_len if pool is not None else 0,
                     "max_cache_len": self.max_cache_len,
                     "kv_bytes": pool.nbytes if pool is not None else 0, "kv_budget_bytes": self.plan.budget_bytes,
-                    "kv_max_bytes": self.plan.total_bytes, "alive": self._thread.is_alive()}
+                    "kv_max_bytes": self.plan.total_bytes, "alive": self._thread.is_alive(),
+                    "prefix": dataclasses.replace(self.prefix.stats) if self.prefix is not None else None}
 
     # ---- the engine thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -279,7 +346,8 @@ class Scheduler:
             group = self._admit(budget)
             if not group:
                 break
-            if len(group) == 1 and len(group[0].prompt) > self.prefill_chunk:
+            if len(group) == 1 and (len(group[0].prompt) - group[0].prefilled > self.prefill_chunk
+                                    or group[0].prompt_logprobs is not None):
                 self._prefilling = group[0]  # a long prompt: chunk by chunk, one row
                 budget -= self._prefill(group[0])
             else:
@@ -298,13 +366,19 @@ class Scheduler:
             free = self.max_concurrency - len(self._active)
             if not self._queue or free < 1:
                 return []
+            if 1 + len(self._queue[0].followers) > free:
+                return []  # n > 1 siblings join together: wait for their rows
             group = [self._queue.popleft()]
-            width = len(group[0].prompt)
-            while (self._queue and len(group) < free and width <= self.prefill_chunk
-                   and (len(group) + 1) * max(width, len(self._queue[0].prompt)) <= budget):
+            rows = 1 + len(group[0].followers)
+            width = self._remaining(group[0])
+            while (self._queue and rows + 1 + len(self._queue[0].followers) <= free and width <= self.prefill_chunk
+                   and group[0].prompt_logprobs is None and self._queue[0].prompt_logprobs is None
+                   and (len(group) + 1) * max(width, self._remaining(self._queue[0])) <= budget):
                 group.append(self._queue.popleft())
-                width = max(width, len(group[-1].prompt))
-        self._admitted = group  # out of the queue, not yet in a row: the error path must still end them
+                rows += 1 + len(group[-1].followers)
+                width = max(width, self._remaining(group[-1]))
+        # Out of the queue, not yet in a row: the error path must still end them.
+        self._admitted = [f for s in group for f in (s, *s.followers)]
         needed = max(s.needed for s in [*self._active, *group])
         if self.pool is None:
             self.pool = self.engine.allocate(self.max_concurrency, round_cache_len(needed, self.max_cache_len))
@@ -315,7 +389,37 @@ class Scheduler:
         for i, seq in enumerate(group):
             seq.row = len(self._active) + i
             self.stats.queue_seconds_sum += now - seq.t_submit
+            if self.prefix is not None:
+                self.prefix.stats.lookups += 1
+                if seq.cached:
+                    seq.prefilled = self.prefix.load(self.pool, seq.row, seq.chain, seq.cached)
+                    self.prefix.stats.hits += 1
+                    self.prefix.stats.hit_tokens += seq.prefilled
+                seq.chain = []
         return group
+
+    def _remaining(self, seq: Sequence) -> int:
+        """Prompt tokens ``seq`` must prefill: those after the longest prefix the cache holds (at least one, whose
+        logits give the first token). Looked up again each time: blocks may have come or gone."""
+        if self.prefix is None or seq.prompt_logprobs is not None:
+            return len(seq.prompt)
+        seq.chain = self.prefix.match(seq.prompt)
+        seq.cached = min(len(seq.chain) * self.prefix.block_tokens, len(seq.prompt) - 1)
+        return len(seq.prompt) - seq.cached
+
+    def _store(self, seq: Sequence, tokens: list[int]) -> None:
+        """Keep the K/V of ``seq``'s row (``seq.length`` valid slots of ``tokens``) for later prompts."""
+        if self.prefix is not None and self.pool is not None and seq.finish_reason != "error":
+            self.prefix.store(self.pool, seq.row, tokens, seq.length)
+
+    def _set_prefix_capacity(self, cache_len: int) -> None:
+        """What the KV budget leaves beside a pool of ``cache_len`` slots (its KV, scratch and resize buffer)."""
+        if self.prefix is None:
+            return
+        pool = plan_pool(self.config, self.engine.cache_dtype, self.max_concurrency, cache_len, self.requested_chunk,
+                         self.budget_bytes)
+        room = self.budget_bytes - pool.total_bytes
+        self.prefix.set_capacity(room if self.prefix_cap is None else min(room, self.prefix_cap))
 
     def _resize(self, cache_len: int) -> None:
         assert self.pool is not None
@@ -329,6 +433,7 @@ class Scheduler:
         assert self.pool is not None
         self.prefill_chunk = plan_pool(self.config, self.engine.cache_dtype, self.max_concurrency,
                                        self.pool.cache_len, self.requested_chunk, self.budget_bytes).prefill_chunk
+        self._set_prefix_capacity(self.pool.cache_len)
 
     def _maybe_shrink(self) -> None:
         if self.pool is None:
@@ -342,20 +447,34 @@ class Scheduler:
         assert self.pool is not None
         view = self.engine.rows(self.pool, seq.row, seq.row + 1)
         c0 = seq.prefilled
-        c1 = min(len(seq.prompt), c0 + self.prefill_chunk)
+        scoring = seq.prompt_logprobs is not None
+        c1 = min(len(seq.prompt), c0 + (min(self.prefill_chunk, SCORE_CHUNK) if scoring else self.prefill_chunk))
         ids = np.asarray([seq.prompt[c0:c1]], np.int64)
         pos = np.arange(c0, c1, dtype=np.int64)[None]
-        index = np.asarray([[c1 - c0 - 1]], np.int64)
-        logits = self.engine.step(view, ids, pos, index)
+        if scoring:  # logits at every position: position t scores prompt token t + 1
+            every = self.engine.step_all(view, ids, pos)[0]  # type: ignore[attr-defined]
+            scored = min(c1, len(seq.prompt) - 1) - c0
+            seq.prompt_logprob_values += token_logprobs(every[:scored], seq.prompt[c0 + 1:c0 + 1 + scored],
+                                                        seq.prompt_logprobs or 0)
+            logits = every[-1:]
+        else:
+            index = np.asarray([[c1 - c0 - 1]], np.int64)
+            logits = self.engine.step(view, ids, pos, index)
         self.stats.prefill_calls += 1
+        self.stats.prefill_tokens += c1 - c0
         seq.prefilled = c1
         if c1 == len(seq.prompt):
             self._prefilling = None
             assert seq.row == len(self._active)
             self.stats.prompt_tokens += len(seq.prompt)
             self._active.append(seq)
-            if self._accept(seq, logits[0:1]):
-                self._remove(seq, None)
+            self._store(seq, seq.prompt)
+            first = logits[0:1].copy() if seq.followers else None
+            done = [seq] if self._accept(seq, logits[0:1]) else []
+            if first is not None:
+                done += self._join_followers(seq, first)
+            for s in sorted(done, key=lambda s: -s.row):
+                self._remove(s, None)
         return c1 - c0
 
     def _prefill_group(self, group: list[Sequence]) -> int:
@@ -364,24 +483,52 @@ class Scheduler:
         They join the decode batch together, so the rows stay packed."""
         assert self.pool is not None
         n, k = len(self._active), len(group)
-        width = max(len(s.prompt) for s in group)
+        width = max(len(s.prompt) - s.prefilled for s in group)
         ids = np.full((k, width), self.config.pad_token_id, np.int64)
-        for b, seq in enumerate(group):
-            ids[b, :len(seq.prompt)] = seq.prompt
-        pos = np.tile(np.arange(width, dtype=np.int64), (k, 1))
-        index = np.asarray([[len(s.prompt) - 1] for s in group], np.int64)
+        pos = np.empty((k, width), np.int64)
+        last = self.pool.cache_len - 1
+        for b, seq in enumerate(group):  # a row with a cached prefix starts after it
+            ids[b, :len(seq.prompt) - seq.prefilled] = seq.prompt[seq.prefilled:]
+            # Padding positions past the pool's end are clipped to its last slot: beyond the row's prompt, so
+            # written before the mask ever admits it.
+            np.minimum(np.arange(seq.prefilled, seq.prefilled + width), last, out=pos[b])
+        index = np.asarray([[len(s.prompt) - s.prefilled - 1] for s in group], np.int64)
         logits = self.engine.step(self.engine.rows(self.pool, n, n + k), ids, pos, index)
         self.stats.prefill_calls += 1
-        finished = []
+        self.stats.prefill_tokens += sum(len(s.prompt) - s.prefilled for s in group)
+        finished, leaders = [], []
         for b, seq in enumerate(group):
             seq.prefilled = len(seq.prompt)
             self.stats.prompt_tokens += len(seq.prompt)
             self._active.append(seq)
+            self._store(seq, seq.prompt)
+            if seq.followers:
+                leaders.append((seq, logits[b:b + 1].copy()))
             if self._accept(seq, logits[b:b + 1]):
                 finished.append(seq)
+        for seq, first in leaders:  # after every leader: the leaders' rows are the ones the step wrote
+            finished += self._join_followers(seq, first)
         for seq in sorted(finished, key=lambda s: -s.row):
             self._remove(seq, None)
         return k * width
+
+    def _join_followers(self, leader: Sequence, logits: np.ndarray) -> list[Sequence]:
+        """``leader``'s same-prompt siblings join the decode batch with a copy of its prompt's K/V and of the
+        logits its prefill ended with (each samples its own first token); returns those already finished."""
+        assert self.pool is not None
+        finished = []
+        for f in leader.followers:
+            f.row = len(self._active)
+            self.engine.copy_rows(self.pool, leader.row, f.row, len(f.prompt))
+            f.prefilled, f.cached, f.shared = len(f.prompt), leader.cached, True
+            f.prompt_logprob_values = leader.prompt_logprob_values
+            self.stats.prompt_tokens += len(f.prompt)
+            self.stats.shared_prefill_tokens += len(f.prompt)
+            self._active.append(f)
+            if self._accept(f, logits.copy()):
+                finished.append(f)
+        leader.followers = []
+        return finished
 
     def _decode(self) -> None:
         assert self.pool is not None
@@ -403,7 +550,19 @@ class Scheduler:
     def _accept(self, seq: Sequence, logits: np.ndarray) -> bool:
         """Sample ``seq``'s next token, tell its listener; ``True`` when the sequence has ended."""
         assert seq.sampler is not None
+        raw = logits[0].copy() if seq.logprobs is not None else None  # the sampler changes logits in place
+        if seq.constraint is not None:
+            t0 = time.perf_counter()
+            ok = seq.constraint.apply(logits[0])
+            self.stats.grammar_seconds += time.perf_counter() - t0
+            self.stats.grammar_tokens += 1
+            if not ok:
+                seq.error = f"the grammar allows no token here: {seq.constraint.error or 'dead end'}"
+                seq.finish_reason = "error"
+                return True
         tok = int(seq.sampler(logits)[0])
+        if raw is not None:
+            seq.output_logprobs += token_logprobs(raw[None], [tok], seq.logprobs or 0)
         seq.sampler.observe(0, (tok,))
         seq.output.append(tok)
         self.stats.generated_tokens += 1
@@ -411,7 +570,10 @@ class Scheduler:
             seq.t_first_token = time.perf_counter()
             self.stats.ttft_seconds_sum += seq.t_first_token - seq.t_submit
             self.stats.ttft_count += 1
-        if tok in seq.stop_ids:
+        if seq.constraint is not None:
+            if not seq.constraint.consume(tok):  # cannot happen for a token the mask allowed
+                log.warning("grammar refused its own token %d: %s", tok, seq.constraint.error)
+        if tok in seq.stop_ids or (seq.constraint is not None and seq.constraint.done):
             seq.finish_reason = "stop"
         elif len(seq.output) >= seq.max_new_tokens:
             seq.finish_reason = "length"
@@ -426,8 +588,10 @@ class Scheduler:
         return seq.finish_reason is not None
 
     def _remove(self, seq: Sequence, reason: str | None) -> None:
-        """Free ``seq``'s row, keeping the active rows packed in ``[0, n)``."""
+        """Free ``seq``'s row (its K/V kept by the prefix cache first), keeping the active rows packed."""
         assert self.pool is not None
+        if reason != "error":
+            self._store(seq, [*seq.prompt, *seq.output])
         if seq is self._prefilling:
             self._prefilling = None
         else:

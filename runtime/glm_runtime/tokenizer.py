@@ -266,9 +266,21 @@ class GLMTokenizer:
         if config_path.is_file():
             try:
                 config = json.loads(config_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:  # also invalid UTF-8
                 raise TokenizerFileError(f"{config_path} is not valid JSON: {exc}") from exc
-        return cls(Tokenizer.from_file(str(path)), config)
+            if not isinstance(config, dict):
+                raise TokenizerFileError(f"{config_path} must hold a JSON object")
+        try:
+            backend = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers library raises plain Exception for any malformed file
+            raise TokenizerFileError(f"{path} is not a tokenizers file this runtime can read ({exc}); rebuild the "
+                                     "artifact or convert the tokenizer again") from None
+        try:
+            tokenizer = cls(backend, config)
+            tokenizer.vocab_size  # noqa: B018  (an empty vocabulary fails here, not in the first request)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TokenizerFileError(f"{path} is not a usable GLM-4 tokenizer ({type(exc).__name__}: {exc})") from None
+        return tokenizer
 
     @cached_property
     def vocab_size(self) -> int:

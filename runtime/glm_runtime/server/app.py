@@ -11,14 +11,18 @@ from glm_runtime.server.chat import chat_completions as chat_endpoint
 from glm_runtime.server.completions import completions as completions_endpoint
 from glm_runtime.server.context import ServerContext, ServerSettings
 from glm_runtime.server.errors import install_error_handlers
+from glm_runtime.server.limits import RequestSlots
 from glm_runtime.server.metrics import MetricsMiddleware, prometheus_text
+from glm_runtime.server.openapi import install_openapi
+from glm_runtime.server.tokenize import install_tokenize_routes
 
 
 def create_app(llm: LLM, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
     """The FastAPI app serving ``llm`` through ``scheduler`` (the caller owns both and closes the scheduler)."""
-    app = FastAPI(title="glm-runtime", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="glm-runtime", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     ctx = ServerContext(llm, scheduler, settings)
     install_error_handlers(app)
+    install_openapi(app, settings.model_name, with_key=bool(settings.api_key))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -47,5 +51,8 @@ def create_app(llm: LLM, scheduler: Scheduler, settings: ServerSettings) -> Fast
     async def text_completions(request: Request) -> Response:
         return await completions_endpoint(ctx, request)
 
+    install_tokenize_routes(app, ctx)
     app.add_middleware(MetricsMiddleware, counters=ctx.counters)
+    slots = settings.limits.request_slots(scheduler.max_concurrency, scheduler.max_queue)
+    app.add_middleware(RequestSlots, limit=slots)  # outermost: a refused request costs no body read
     return app

@@ -55,6 +55,8 @@ class Choice:
     tools: list[dict[str, Any]] | None = None
     forced: str | None = None  # a tool name put on the answer's metadata line by tool_choice
     done: bool = False
+    seen: int = 0  # token events received (streaming: which logprobs entries exist)
+    sent: int = 0  # logprobs entries already streamed
 
 
 def chat_result(llm: LLM, choice: Choice) -> tuple[dict[str, Any], str]:
@@ -83,9 +85,9 @@ def finish_reason(seq: Sequence) -> str:
 
 def resolve_tool_choice(tools: list[dict[str, Any]] | None,
                         choice: str | dict[str, Any] | None) -> tuple[list[dict[str, Any]] | None, str | None]:
-    """``(tools to offer, function name to force)``. GLM-4 has no constrained decoding, but its answer starts with
-    a metadata line naming the tool: putting a name there forces a call to that tool (its arguments are still
-    the model's)."""
+    """``(tools to offer, function name to force)``. GLM-4's answer starts with a metadata line naming the tool:
+    putting a name there forces a call to that tool; its arguments (and, for ``required`` among several tools,
+    the name) are then constrained by a grammar (:mod:`glm_runtime.server.structured`)."""
     if not tools:
         if choice not in (None, "none", "auto"):
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
@@ -98,9 +100,9 @@ def resolve_tool_choice(tools: list[dict[str, Any]] | None,
     if choice == "required":
         if len(functions) == 1:
             return tools, next(iter(functions))
-        raise APIError(400, "tool_choice 'required' needs exactly one function tool here (GLM-4 cannot be "
-                            "constrained to 'one of several'); name the function: {'type': 'function', "
-                            "'function': {'name': ...}}", param="tool_choice")
+        if not functions:
+            raise APIError(400, "tool_choice 'required' needs a function tool", param="tool_choice")
+        return tools, None  # one of several: the grammar (server.structured) makes the answer a call
     if isinstance(choice, dict):
         fn = choice.get("function")
         name = fn.get("name") if isinstance(fn, dict) else None

@@ -10,18 +10,20 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from glm_runtime.api import LLM, RequestSpec
 from glm_runtime.generator import ContextLengthError
 from glm_runtime.scheduler import Scheduler, Sequence
 from glm_runtime.server.choices import Choice, Relay
 from glm_runtime.server.errors import APIError
+from glm_runtime.server.limits import BodyTimeoutError, Limits, read_deadline
 from glm_runtime.server.metrics import Counters
 from glm_runtime.server.schemas import Body
 from glm_runtime.tool_calls import tool_names
@@ -44,6 +46,8 @@ class ServerSettings:
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
     #: Sequences one request may ask for (prompts x n).
     max_sequences_per_request: int = 8
+    #: Deadlines and connection bounds (:mod:`glm_runtime.server.limits`).
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass
@@ -71,22 +75,37 @@ class ServerContext:
     async def read_body(self, request: Request, model: type[B]) -> B:
         """The authorized, size-bounded, type-checked body of a request for this server's model."""
         self.authorize(request)
+        raw = await self.read_bytes(request)
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as e:  # ValueError: also Python's 4300-digit integer limit
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        return self._validated(data, model)
+
+    async def read_bytes(self, request: Request) -> bytes:
+        """The raw body, bounded in size (413) and time (408); a client leaving mid-body is a quiet 499."""
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise APIError(413, f"request body over {limit} bytes (the server's --max-body-bytes)",
                            code="request_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():  # also bounds bodies sent without a content-length
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"request body over {limit} bytes (the server's --max-body-bytes)",
-                               code="request_too_large")
-            chunks.append(chunk)
         try:
-            data = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+            async with read_deadline(self.settings.limits.body_timeout):  # a slow body must not hold a slot
+                async for chunk in request.stream():  # also bounds bodies sent without a content-length
+                    size += len(chunk)
+                    if size > limit:
+                        raise APIError(413, f"request body over {limit} bytes (the server's --max-body-bytes)",
+                                       code="request_too_large")
+                    chunks.append(chunk)
+        except BodyTimeoutError as e:
+            raise APIError(408, f"{e}: send the body promptly", code="request_timeout") from None
+        except ClientDisconnect:  # the client left mid-body: routine, not an error worth a traceback
+            log.debug("client disconnected while sending the body of %s", request.url.path)
+            raise APIError(499, "the client disconnected while sending the body", code="client_closed") from None
+        return b"".join(chunks)
+
+    def _validated(self, data: Any, model: type[B]) -> B:
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         try:
@@ -145,7 +164,8 @@ class ServerContext:
 
     def sequences(self, specs: list[RequestSpec], n: int, loop: asyncio.AbstractEventLoop,
                   queue: asyncio.Queue[Any], ignore_eos: bool, tools: list[dict[str, Any]] | None = None,
-                  forced: str | None = None) -> list[Choice]:
+                  forced: str | None = None, logprobs: int | None = None,
+                  prompt_logprobs: int | None = None, constraint: Callable[[], Any] | None = None) -> list[Choice]:
         """One scheduler sequence per prompt x n, submitted together (all or none)."""
         self.check_sequences(len(specs), n)
         tool_set = None
@@ -164,7 +184,9 @@ class ServerContext:
                     text.assistant.mode = "tool"  # the metadata line naming the tool is already in the prompt
                 relay = Relay(loop, queue, index, text)
                 stop_ids = frozenset() if ignore_eos else frozenset(spec.stop_ids)
-                seq = Sequence(spec.prompt_ids, spec.max_new_tokens, params, stop_ids, relay)
+                seq = Sequence(spec.prompt_ids, spec.max_new_tokens, params, stop_ids, relay, logprobs=logprobs,
+                               prompt_logprobs=prompt_logprobs,
+                               constraint=constraint() if constraint is not None else None)
                 choices.append(Choice(index, seq, relay, tools=tools, forced=forced))
         self.scheduler.submit(*(c.seq for c in choices))
         return choices
@@ -200,7 +222,10 @@ class ServerContext:
 def usage(prompt_lengths: list[int], choices: list[Choice]) -> dict[str, int]:
     prompt = sum(prompt_lengths)
     completion = sum(len(c.seq.output) for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    # As OpenAI and vLLM: prompt tokens whose K/V were reused (prefix cache, or the first sibling of n > 1).
+    cached = sum(c.seq.cached for c in choices if not c.seq.shared)  # n > 1: the prompt counts once
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def failed(choices: list[Choice]) -> APIError | None:

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glm_runtime.api import TokenizerMissingError
-from glm_runtime.generator import ContextLengthError
+from glm_runtime.generator import TRUNCATE_HINT, ContextLengthError
 from glm_runtime.scheduler import QueueFullError, SchedulerClosedError
 
 log = logging.getLogger("glm_runtime.server")
@@ -36,16 +36,19 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def client_error(e: Exception) -> APIError:
-    """The runtime's refusals (``ValueError`` with a message that says what to do) as 4xx responses."""
+def client_error(e: Exception, prompt_param: str = "messages") -> APIError:
+    """The runtime's refusals (``ValueError`` with a message that says what to do) as 4xx responses.
+
+    ``prompt_param``: the field a context-length error is about (``messages``, or ``prompt`` on
+    ``/v1/completions``)."""
     if isinstance(e, APIError):
         return e
     if isinstance(e, QueueFullError):
         return APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
     if isinstance(e, SchedulerClosedError):
         return APIError(503, str(e), "server_error", code="service_unavailable")
-    if isinstance(e, ContextLengthError):
-        return APIError(400, str(e), param="messages", code="context_length_exceeded")
+    if isinstance(e, ContextLengthError):  # without the truncate advice: the HTTP API has no such option
+        return APIError(400, str(e).replace(TRUNCATE_HINT, ""), param=prompt_param, code="context_length_exceeded")
     if isinstance(e, TokenizerMissingError):
         return APIError(400, str(e), code="tokenizer_missing")
     return APIError(400, str(e))

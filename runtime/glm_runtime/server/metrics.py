@@ -11,7 +11,8 @@ from typing import Any
 from glm_runtime.scheduler import Scheduler
 
 #: Paths counted under their own name (anything else is "other": no unbounded label set from clients).
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize",
+          "/tokenizer_info")
 
 
 @dataclass
@@ -62,7 +63,7 @@ def prometheus_text(scheduler: Scheduler, counters: Counters) -> str:
            [("", st.rejected)])
     metric("glm_sequences_finished_total", "counter", "Sequences ended, by reason.",
            [(f'{{reason="{r}"}}', v) for r, v in sorted(st.finished.items())])
-    metric("glm_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", st.prompt_tokens)])
+    metric("glm_prompt_tokens_total", "counter", "Prompt tokens of admitted sequences.", [("", st.prompt_tokens)])
     metric("glm_generation_tokens_total", "counter", "Tokens generated.", [("", st.generated_tokens)])
     metric("glm_decode_steps_total", "counter", "Batched decode steps run.", [("", st.decode_steps)])
     metric("glm_decode_rows_total", "counter", "Sum of decode batch sizes (mean batch = rows / steps).",
@@ -76,6 +77,27 @@ def prometheus_text(scheduler: Scheduler, counters: Counters) -> str:
     metric("glm_kv_pool_max_bytes", "gauge", "The pool's bound (KV + scratch + resize) checked at start.",
            [("", snap["kv_max_bytes"])])
     metric("glm_kv_budget_bytes", "gauge", "The KV budget.", [("", snap["kv_budget_bytes"])])
+    metric("glm_prefill_tokens_total", "counter", "Prompt tokens run through the engine (the rest came from the "
+           "prefix cache or a sibling's prefill).", [("", st.prefill_tokens)])
+    metric("glm_shared_prefill_tokens_total", "counter", "Prompt tokens of n > 1 siblings copied from one prefill.",
+           [("", st.shared_prefill_tokens)])
+    prefix = snap["prefix"]
+    if prefix is not None:
+        metric("glm_prefix_cache_queries_total", "counter", "Sequences looked up in the prefix cache.",
+               [("", prefix.lookups)])
+        metric("glm_prefix_cache_hits_total", "counter", "Sequences that reused at least one cached block.",
+               [("", prefix.hits)])
+        metric("glm_prefix_cache_hit_rate", "gauge", "Hits / queries since start.",
+               [("", float(prefix.hits / prefix.lookups) if prefix.lookups else 0.0)])
+        metric("glm_prefix_cache_saved_tokens_total", "counter", "Prompt tokens not prefilled thanks to the cache.",
+               [("", prefix.hit_tokens)])
+        metric("glm_prefix_cache_token_hit_rate", "gauge", "Saved / prompt tokens since start.",
+               [("", float(prefix.hit_tokens / st.prompt_tokens) if st.prompt_tokens else 0.0)])
+        metric("glm_prefix_cache_bytes", "gauge", "Bytes of K/V blocks held.", [("", prefix.bytes)])
+        metric("glm_prefix_cache_capacity_bytes", "gauge", "What the KV budget leaves beside the pool (or "
+               "--prefix-cache-gb).", [("", prefix.capacity_bytes)])
+        metric("glm_prefix_cache_evicted_blocks_total", "counter", "Blocks evicted (least recently used).",
+               [("", prefix.evicted_blocks)])
     metric("glm_engine_errors_total", "counter", "Engine steps that failed.", [("", st.engine_errors)])
     metric("glm_process_resident_memory_bytes", "gauge", "Resident set size of the server.", [("", rss())])
     return "\n".join(lines) + "\n"

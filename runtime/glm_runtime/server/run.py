@@ -1,8 +1,9 @@
-"""Running the app: uvicorn in the main thread, a bounded number of connections, and a graceful stop on
-SIGTERM/SIGINT that lets in-flight requests finish before the engine thread stops."""
+"""Running the app: uvicorn in the main thread, connections and deadlines as :mod:`.limits` sets them, and a
+graceful stop on SIGTERM/SIGINT that lets in-flight requests finish before the engine thread stops."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -14,6 +15,7 @@ from glm_runtime.api import LLM
 from glm_runtime.scheduler import Scheduler
 from glm_runtime.server.app import create_app
 from glm_runtime.server.context import ServerSettings
+from glm_runtime.server.limits import protocol_class
 
 log = logging.getLogger("glm_runtime.server")
 
@@ -58,10 +60,15 @@ def serve(llm: LLM, scheduler: Scheduler, settings: ServerSettings, host: str = 
     if host not in LOOPBACK and settings.api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
                     "(--api-key-file)", host)
+    if max_connections is not None:
+        settings = dataclasses.replace(settings, limits=dataclasses.replace(settings.limits,
+                                                                            max_connections=max_connections))
     app = create_app(llm, scheduler, settings)
-    limit = max_connections or 2 * (scheduler.max_concurrency + scheduler.max_queue) + 16
+    # No uvicorn limit_concurrency: it counts idle sockets too, so a few hundred of them refused everyone (D4).
+    protocol, _ = protocol_class(settings.limits)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=shutdown_timeout + 5, limit_concurrency=limit)
+                            timeout_graceful_shutdown=shutdown_timeout + 5, http=protocol,
+                            timeout_keep_alive=max(1, round(settings.limits.keep_alive)))
     try:
         GracefulServer(config).run()
     finally:
