@@ -76,7 +76,11 @@ def estimate(cfg: ModelConfig, precision: str, backend: str, streamed: bool, cal
         steps["calibrate"] = BASE + layer32 + calibration_bytes(cfg, calib_samples, calib_seq_len)
         # one layer in float32, its largest tensor twice while copied, its quantized form, the rows kept
         biggest = 4 * 2 * cfg.hidden_size * cfg.ffn_hidden_size
-        steps["quantize"] = BASE + layer32 + biggest + layer_params(cfg) + calibration_bytes(cfg, calib_samples, 0)
+        layer_unit = BASE + layer32 + biggest + layer_params(cfg) + calibration_bytes(cfg, calib_samples, 0)
+        # ... or the output layer, the largest unit: its float32 rows, the abs-max / scaled temporaries of the same
+        # size, and its quantized form (GLM-4-9B int8: 7.8 GB measured at this unit, one decoder layer ~3.2 GB)
+        head_unit = BASE + 3 * 4 * cfg.vocab_size * cfg.hidden_size + cfg.vocab_size * cfg.hidden_size
+        steps["quantize"] = max(layer_unit, head_unit)
         if accuracy_samples:
             steps["accuracy"] = BASE + int(ORT_SESSION_FACTOR * art) + acc_logits
         disk = art
