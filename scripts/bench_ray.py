@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from load_test import sse_events  # scripts/ is on sys.path when run as python scripts/bench_ray.py
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("sea wind river stone light cloud field road tree city night fire snow rain bird song ship star "
@@ -153,13 +154,10 @@ async def one_turn(client: httpx.AsyncClient, args: argparse.Namespace, messages
             if r.status_code != 200:
                 ERRORS[f"HTTP {r.status_code}: {(await r.aread())[:160].decode(errors='replace')}"] += 1
                 return False, 0.0, 0, "", replica
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
+            async for data in sse_events(r):
+                if data is None:
                     done = True
                     break
-                data = json.loads(line[6:])
                 if "error" in data:
                     ERRORS[f"stream error event: {str(data['error'].get('message'))[:160]}"] += 1
                     return False, 0.0, 0, "", replica

@@ -39,7 +39,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -69,6 +71,17 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
+async def sse_events(r: httpx.Response) -> AsyncIterator[dict[str, Any] | None]:
+    """The JSON events of a streamed (SSE) answer, then ``None`` for its final ``data: [DONE]``."""
+    async for line in r.aiter_lines():
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            yield None
+            return
+        yield json.loads(line[6:])
+
+
 async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, rng: random.Random,
                       vocab: int) -> tuple[bool, float, int, list[float]]:
     """``(ok, ttft_s, generated tokens, gaps between tokens)`` of one streaming request."""
@@ -82,13 +95,10 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, rng: 
             if r.status_code != 200:
                 await r.aread()
                 return False, 0.0, 0, []
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
+            async for data in sse_events(r):
+                if data is None:
                     done = True
                     break
-                data = json.loads(line[6:])
                 if "error" in data:
                     return False, 0.0, 0, []
                 if data.get("usage"):
@@ -168,13 +178,10 @@ async def one_turn(client: httpx.AsyncClient, args: argparse.Namespace,
             if r.status_code != 200:
                 await r.aread()
                 return False, 0.0, "", 0, 0
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
+            async for data in sse_events(r):
+                if data is None:
                     done = True
                     break
-                data = json.loads(line[6:])
                 if "error" in data:
                     return False, 0.0, "", 0, 0
                 usage = data.get("usage") or usage
