@@ -216,6 +216,16 @@ def test_client_errors_are_openai_style_4xx(served: tuple[str, Scheduler]) -> No
 def test_full_server_429_and_disconnect_frees_the_row(served: tuple[str, Scheduler],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     base, sched = served
+    # Every row must still be generating when its client leaves, or it ends by length, not by the disconnect. A fast
+    # CPU runs the tiny model's 256 tokens in ~0.1-0.3 s (CI saw 2 of 5 streams and the whole answer below finish
+    # first), so each engine step is slowed to >= 10 ms: 256 tokens take >= 2.5 s, far more than this test's steps.
+    step = sched.engine.step
+
+    def slow_step(*args: object, **kwargs: object) -> object:
+        time.sleep(0.01)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(sched.engine, "step", slow_step)
     body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 256, "stream": True, "temperature": 0,
             "ignore_eos": True}
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -242,16 +252,8 @@ def test_full_server_429_and_disconnect_frees_the_row(served: tuple[str, Schedul
     assert sched.stats.finished.get("cancelled", 0) - cancelled == 5  # ended by the disconnects, not by length
     got = client(base).completions.create(model=MODEL, prompt=[1, 2], max_tokens=2)
     assert got.usage.completion_tokens <= 2
-    # A client waiting for a whole (not streamed) answer that gives up frees its row too. The server looks for gone
-    # clients every DISCONNECT_POLL_S (0.25 s); a fast CPU runs the tiny model's 256 tokens in less than that, so
-    # each step is slowed to >= 10 ms here (>= 2.5 s in all) to make "cancelled, not finished" the only outcome.
-    step = sched.engine.step
-
-    def slow_step(*args: object, **kwargs: object) -> object:
-        time.sleep(0.01)
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(sched.engine, "step", slow_step)
+    # A client waiting for a whole (not streamed) answer that gives up frees its row too (the server looks for gone
+    # clients every DISCONNECT_POLL_S, 0.25 s).
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(base + "/v1/completions", json={**body, "stream": False}, headers=auth,
                    timeout=httpx.Timeout(10.0, read=0.1))
