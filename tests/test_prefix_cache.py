@@ -5,31 +5,17 @@ recently used first out."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from glm_runtime import LLM, load
+from glm_runtime import LLM
 from glm_runtime.prefix_cache import BLOCK_TOKENS, PrefixCache
 from glm_runtime.sampling import SamplingParams
 from glm_runtime.scheduler import Scheduler, Sequence
+from tests import test_scheduler
+from tests.test_scheduler import GREEDY, alone, prompt
 
-GREEDY = SamplingParams(temperature=0)
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_artifact: Path) -> LLM:
-    return load(tiny_artifact, threads=2, verify="none")
-
-
-def prompt(n: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(0, 151000, n).tolist()
-
-
-def alone(llm: LLM, p: list[int], n: int, **kw) -> list[int]:
-    kw.setdefault("temperature", 0)
-    return llm.generate(prompt_ids=p, max_new_tokens=n, **kw).output_ids
+llm = test_scheduler.llm  # the same module-scoped fixture: the tiny artifact, loaded once per module
 
 
 def run(sched: Scheduler, *seqs: Sequence) -> list[list[int]]:
