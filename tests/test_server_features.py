@@ -249,3 +249,5 @@ def test_tool_choice_required_on_the_onnx_runtime_engine(served: tuple[str, Sche
     args = json.loads(call.function.arguments)
     assert valid_unit(args) if call.function.name == "get_weather" else args["hour"] in (6, 7, 8)
     assert sched.stats.grammar_tokens - before == got.usage.completion_tokens
+    text = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert f"glm_grammar_tokens_total {sched.stats.grammar_tokens}" in text and "glm_grammar_seconds_total" in text

@@ -81,6 +81,10 @@ def prometheus_text(scheduler: Scheduler, counters: Counters) -> str:
            "prefix cache or a sibling's prefill).", [("", st.prefill_tokens)])
     metric("glm_shared_prefill_tokens_total", "counter", "Prompt tokens of n > 1 siblings copied from one prefill.",
            [("", st.shared_prefill_tokens)])
+    metric("glm_grammar_tokens_total", "counter", "Tokens sampled under a grammar mask (structured output).",
+           [("", st.grammar_tokens)])
+    metric("glm_grammar_seconds_total", "counter", "Time computing and applying grammar masks (mean per token = "
+           "seconds / tokens).", [("", float(st.grammar_seconds))])
     prefix = snap["prefix"]
     if prefix is not None:
         metric("glm_prefix_cache_queries_total", "counter", "Sequences looked up in the prefix cache.",
