@@ -156,6 +156,9 @@ def load_tokenizer(path: Path) -> Any:
     from glm_runtime.tokenizer import GLMTokenizer, convert_tiktoken_file
 
     path = Path(path)
+    if not path.is_dir():
+        raise EvalError(f"{path} is not a directory: pass an artifact made by glm-export build/export, or a GLM-4 "
+                        "checkpoint directory")
     if (path / "tokenizer.json").is_file():
         return GLMTokenizer.from_dir(path)
     if (path / "tokenizer.model").is_file():
