@@ -25,7 +25,7 @@ from glm_export.checkpoint import Checkpoint, CheckpointError, load_model
 from glm_export.engine import EngineSpec, build_engine, check_engine, choose_backend
 from glm_export.export import ONNX_DATA, ONNX_FILE, export_into, graph_io, write_manifest
 from glm_export.progress import console
-from glm_export.quantize import (
+from glm_export.quantize.rewrite import (
     QUANTIZED_PRECISIONS,
     QuantizeError,
     QuantOptions,
@@ -76,7 +76,7 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
     ``resume``: reuse the steps an earlier, failed or interrupted build of the same output finished with the
     same inputs (:mod:`glm_export.resume`); ``False`` starts over. ``max_weight_abs``: also refuse weights of
     larger magnitude (non-finite ones always are: :mod:`glm_export.weight_check`).
-    ``stream``: quantize for ONNX Runtime layer by layer (:mod:`glm_export.stream_quant`; the same artifact,
+    ``stream``: quantize for ONNX Runtime layer by layer (:mod:`glm_export.quantize.stream`; the same artifact,
     without the float32 model in memory or on disk); ``None`` streams when the whole-model path would not fit.
     ``memory_check``: refuse up front, with the numbers, a build whose estimated peak RAM or disk does not fit
     (:mod:`glm_export.budget`).
@@ -144,10 +144,11 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
             report: dict[str, Any] = {"precision": precision, "validation": None}
             if streamed:
                 def quantize_streamed() -> dict[str, Any]:
-                    from glm_export.stream_quant import quantize_streamed
+                    from glm_export.quantize.stream import quantize_streamed
 
-                    try:
-                        built, section = quantize_streamed(model_dir, tmp, precision, quant)
+                    try:  # the journal keeps each finished layer: a killed build resumes after it
+                        built, section = quantize_streamed(model_dir, tmp, precision, quant,
+                                                           progress=journal.partial(dict(steps)["quantize"]))
                     except QuantizeError as e:
                         raise BuildError(str(e)) from None
                     return {"manifest": built, "report": section}

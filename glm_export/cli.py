@@ -69,6 +69,8 @@ class Backend(str, Enum):
 class WeightMethod(str, Enum):
     awq = "awq"
     rtn = "rtn"
+    gptq = "gptq"
+    awq_gptq = "awq-gptq"
 
 
 class WeightClip(str, Enum):
@@ -82,13 +84,17 @@ WEIGHT_ZERO_POINT_HELP = ("int4 zero points (asymmetric blocks): lower error, ~1
 
 
 class LMHead(str, Enum):
+    auto = "auto"
     same = "same"
     float = "float"
     int8 = "int8"
 
 
-LM_HEAD_HELP = ("Output layer (lm_head) precision in a quantized artifact: same (as the rest), float (unquantized: "
-                "fp32 on ONNX Runtime, fp16 on TensorRT) or int8 (W8A8 per-channel, SmoothQuant; for int4 / fp8). "
+LM_HEAD_HELP = ("Output layer (lm_head) precision in a quantized artifact: auto (int8 in fp8 artifacts, and in int4 "
+                "ones when the output layer is at most 25% of the weights a decode step reads, as on GLM-4-9B; "
+                "else same), same (as the rest), float (unquantized: "
+                "stored in the checkpoint's 16-bit type, widened to fp32 by ONNX Runtime at load; fp16 on TensorRT) or "
+                "int8 (W8A8 per-channel, SmoothQuant; for int4 / fp8). "
                 "See docs/quantization.md for what each costs in accuracy, bytes and speed.")
 
 
@@ -197,12 +203,14 @@ def build(
     calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample (longer ones are cut).")] = 512,
     smoothquant_alpha: Annotated[float, typer.Option(help="int8 SmoothQuant migration strength (0 = none).")] = 0.5,
     weight_block: Annotated[int, typer.Option(help="int4 block size: 32, 64 or 128.")] = 32,
-    weight_method: Annotated[WeightMethod, typer.Option(help="int4 rounding: awq (activation-aware) or rtn.")]
-    = WeightMethod.awq,
+    weight_method: Annotated[WeightMethod, typer.Option(
+        help="int4 rounding: awq (activation-aware scales), rtn, gptq (error-compensating, act-order, static "
+             "block scales) or awq-gptq (AWQ's scales, then GPTQ).")]
+    = WeightMethod.awq_gptq,
     weight_clip: Annotated[WeightClip, typer.Option(help=WEIGHT_CLIP_HELP)] = WeightClip.mse,
     weight_zero_point: Annotated[bool | None, typer.Option(help=WEIGHT_ZERO_POINT_HELP, show_default=False)] = None,
     kv_cache_dtype: Annotated[KVCacheDType, typer.Option(help=KV_CACHE_HELP)] = KVCacheDType.model,
-    lm_head: Annotated[LMHead, typer.Option(help=LM_HEAD_HELP)] = LMHead.same,
+    lm_head: Annotated[LMHead, typer.Option(help=LM_HEAD_HELP)] = LMHead.auto,
     int8_reduce_range: Annotated[bool | None, typer.Option(
         "--int8-reduce-range/--int8-full-range", show_default=False,
         help="int8 weights in 7 bits (exact on every x86 CPU) or 8 bits (half the rounding error; needs a CPU with "
@@ -228,7 +236,7 @@ def build(
     """Export, (quantize), build engines and validate: the whole pipeline into one artifact directory."""
     from glm_export.build import build_artifact
     from glm_export.engine import EngineSpec
-    from glm_export.quantize import QuantOptions
+    from glm_export.quantize.rewrite import QuantOptions
 
     spec = EngineSpec("auto", max_batch, max_context, max_prefill, tuple(target or ()))
     quant = QuantOptions(calibration=calibration, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
@@ -377,7 +385,7 @@ def bench(
                                           "(ONNX Runtime profiler): where the time goes.")] = False,
 ) -> None:
     """Latency and throughput of the artifacts' runtime against PyTorch on the same weights, side by side."""
-    from glm_export.bench import BenchError, Settings, command_line, parse_int_list, run_and_report
+    from glm_export.bench.run import BenchError, Settings, command_line, parse_int_list, run_and_report
 
     try:
         dtypes = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

@@ -6,10 +6,14 @@
         --precisions fp32,int8,int4,int4/b128/rtn/none/sym
 
 A precision is ``fp32``, ``int8``, ``fp8``, ``int4`` (the defaults), or ``int4/...`` with any of: ``b32`` /
-``b64`` / ``b128`` (block), ``awq`` / ``rtn``, ``mse`` / ``none`` (clip search), ``zp`` / ``sym`` (zero
-points), ``head-fp`` (lm_head left unquantized), ``head8`` (lm_head int8 W8A8), ``kv8`` (int8 KV cache;
-also ``int8/kv8``); each variant
-gets its own directory.
+``b64`` / ``b128`` (block), ``awq`` / ``rtn`` / ``gptq`` / ``awq-gptq``, ``mse`` / ``none`` (clip search),
+``zp`` / ``sym`` (zero points), ``head-fp`` (lm_head left unquantized), ``head8`` (lm_head int8 W8A8),
+``kv8`` (int8 KV cache; also ``int8/kv8``), ``amax-pct`` / ``amax-mse`` (fp8 activation ranges: percentile
+or MSE instead of abs-max); each variant gets its own directory.
+
+With ``--gguf A.gguf,B.gguf`` (and ``--llama-build``, a llama.cpp build: see ``scripts/llamacpp.py``) each round
+also runs ``llama-bench`` on every GGUF at the same threads, depth (``-d`` = the prompt length) and decode
+length, interleaved with the ONNX Runtime sides, so the ratios come from one run on one machine load.
 
 The fp32 graph (``--fp32``, or exported into ``--work``) is quantized into ``--work/<precision>`` unless that
 artifact already exists; the fp32 files are copied first and never modified. Decoding uses IO binding with the
@@ -36,8 +40,7 @@ import torch
 
 from glm_export.checkpoint import Checkpoint
 from glm_export.export import graph_io, write_manifest
-from glm_export.quantize import QuantOptions, quantize_into
-from glm_runtime.manifest import read_manifest
+from glm_export.quantize.rewrite import QuantOptions, quantize_into
 
 
 def parse_variant(spec: str, base: QuantOptions) -> tuple[str, QuantOptions]:
@@ -47,7 +50,7 @@ def parse_variant(spec: str, base: QuantOptions) -> tuple[str, QuantOptions]:
     for t in tokens:
         if t.startswith("b") and t[1:].isdigit():
             opts = replace(opts, weight_block=int(t[1:]))
-        elif t in ("awq", "rtn"):
+        elif t in ("awq", "rtn", "gptq", "awq-gptq"):
             opts = replace(opts, weight_method=t)
         elif t in ("mse", "none"):
             opts = replace(opts, weight_clip=t)
@@ -57,6 +60,8 @@ def parse_variant(spec: str, base: QuantOptions) -> tuple[str, QuantOptions]:
             opts = replace(opts, kv_cache="int8")
         elif t == "head-fp":
             opts = replace(opts, lm_head="float")
+        elif t in ("amax-pct", "amax-mse"):
+            opts = replace(opts, fp8_act_range={"amax-pct": "percentile", "amax-mse": "mse"}[t])
         elif t == "head8":
             opts = replace(opts, lm_head="int8")
         else:
@@ -145,6 +150,21 @@ def decode_speed(artifact: Path, cfg, threads: int, prompt: int, tokens: int, ru
     return {"prefill_ms": statistics.median(prefill_ms), "decode_tok_s": statistics.median(tok_s)}
 
 
+def llama_decode(build: Path, gguf: Path, threads: int, prompt: int, tokens: int) -> list[float]:
+    """llama.cpp decode tok/s of ``tokens`` tokens after ``prompt`` tokens of context (llama-bench ``-d``), as
+    :func:`decode_speed` measures ours."""
+    import subprocess
+
+    from llamacpp import LlamaCppError, parse_bench_json, tool
+
+    cmd = [str(tool(build, "llama-bench")), "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", str(tokens),
+           "-d", str(prompt), "-r", "1", "-o", "json"]
+    proc = subprocess.run(cmd, text=True, errors="replace", capture_output=True)
+    if proc.returncode != 0:
+        raise LlamaCppError(f"llama-bench failed on {gguf}: {(proc.stderr or proc.stdout).strip()[-300:]}")
+    return parse_bench_json(proc.stdout)[0]["tok_s"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", type=Path)
@@ -158,7 +178,18 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--gguf", default="", help="comma-separated GGUF files measured by llama-bench in each round")
+    ap.add_argument("--llama-build", type=Path, default=Path("/work/tools/llama.cpp"),
+                    help="llama.cpp build directory (for --gguf)")
     args = ap.parse_args()
+    ggufs = [Path(g) for g in args.gguf.split(",") if g]
+    if ggufs:
+        from llamacpp import LlamaCppError, tool
+
+        try:
+            tool(args.llama_build, "llama-bench")
+        except LlamaCppError as e:
+            raise SystemExit(f"error: {e}") from None
     cfg = Checkpoint(args.model).config
     args.work.mkdir(parents=True, exist_ok=True)
     fp32 = args.fp32
@@ -186,7 +217,9 @@ def main() -> None:
             report = quantize_into(args.model, art, precision, opts)
             (art / "quantization.md").write_text(report["markdown"])
             (art / "quantization.json").write_text(json.dumps(report, indent=1))
-            manifest = read_manifest(art, verify="none")  # the fp32 one, copied: describe this graph instead
+            # the fp32 one, copied (read without its checks: an int4 graph under 2 GB has no model.onnx.data any more,
+            # which the fp32 manifest still lists); describe this graph instead
+            manifest = json.loads((art / "manifest.json").read_text())
             manifest["precision"], manifest["graph"] = precision, graph_io(art / "model.onnx")
             write_manifest(art, manifest)  # so glm-runtime / glm-export bench can load the artifact
             print(f"{precision}: quantized in {time.perf_counter() - t0:.0f} s")
@@ -194,10 +227,14 @@ def main() -> None:
     # Interleaved rounds (one run of every precision per round, a fresh session each time): on a shared machine
     # the load changes within minutes, and consecutive per-precision medians would compare different loads.
     runs: dict[str, list[dict[str, float]]] = {spec: [] for spec, _ in arts}
+    llama: dict[Path, list[float]] = {g: [] for g in ggufs}
     for r in range(args.runs):
         for spec, art in arts:
             runs[spec].append(decode_speed(art, cfg, args.threads, args.prompt, args.tokens, 1))
             print(f"round {r + 1}: {spec}: {runs[spec][-1]}", flush=True)
+        for g in ggufs:
+            llama[g] += llama_decode(args.llama_build, g, args.threads, args.prompt, args.tokens)
+            print(f"round {r + 1}: llama.cpp {g.name}: {llama[g][-1]:.2f} tok/s", flush=True)
     rows = []
     for spec, art in arts:
         files = sum(f.stat().st_size for f in art.glob("model.onnx*"))
@@ -222,6 +259,12 @@ def main() -> None:
         top1 = f"{acc['top1_agreement']:.3f}" if "top1_agreement" in acc else ""
         print(f"| {spec} | {files / 2**30:.2f} GiB | {per_token / 2**30:.2f} GiB | {speed['prefill_ms']:.0f} | "
               f"{speed['decode_tok_s']:.1f} | {bound:.1f} | {speed['decode_tok_s'] / bound:.0%} | {kl} | {top1} |")
+    for g, tok_s in llama.items():
+        print(f"| llama.cpp {g.stem} | {g.stat().st_size / 2**30:.2f} GiB | | | {statistics.median(tok_s):.1f} | | | "
+              "| |")
+    if llama:
+        print(f"\nllama.cpp rows: llama-bench -t {args.threads} -d {args.prompt} -n {args.tokens} -r 1 (its own "
+              "warm-up run first), one run per round, interleaved with the rows above; decode tok/s is the median")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def test_greedy_check_passes_for_fp32_and_flags_a_wrong_artifact(two_rounds: dic
     import torch
     import transformers
 
-    from glm_export.bench_worker import prompt_ids
+    from glm_export.bench.worker import prompt_ids
 
     prompt = prompt_ids(1, 8, 151552, res["settings"]["seed"])
     model = transformers.GlmForCausalLM.from_pretrained(tiny_checkpoint_hf, dtype=torch.float32,
@@ -141,7 +141,7 @@ def test_batch_of_two(two_rounds: dict[str, Any]) -> None:
 
 def test_exit_code_zero_when_every_side_is_right(two_rounds: dict[str, Any], tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import glm_export.bench as bench
+    import glm_export.bench.run as bench
 
     right = json.loads(json.dumps(two_rounds["json"]))
     del right["checks"]["rt1"]
@@ -169,7 +169,7 @@ def test_profile_finds_the_weights_of_each_matmul(two_rounds: dict[str, Any]) ->
 
 def test_report_without_matplotlib(two_rounds: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from glm_export.bench import write_report
+    from glm_export.bench.run import write_report
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     written = write_report(two_rounds["json"], tmp_path)
@@ -211,8 +211,53 @@ def test_artifact_of_another_model_is_refused(tmp_path: Path, tiny_artifact: Pat
 
 
 def test_prompts_are_reproducible_and_ordinary_ids() -> None:
-    from glm_export.bench_worker import prompt_ids
+    from glm_export.bench.worker import prompt_ids
 
     a = np.array(prompt_ids(2, 64, 151552, 0))
     assert a.shape == (2, 64) and (a == np.array(prompt_ids(2, 64, 151552, 0))).all()
     assert a.max() < 151329 and not (a[0] == a[1]).all()
+
+
+def test_cpu_dtype_falls_back_to_16_bit_when_float32_does_not_fit() -> None:
+    from glm_export.bench.run import BenchError, cpu_torch_dtype
+
+    n, gib = 9_400_000_000, 2**30  # GLM-4-9B: ~38 GB in float32, ~19 GB in bf16
+    assert cpu_torch_dtype(n, "bfloat16", 64 * gib, None) == ("float32", "")
+    dtype, note = cpu_torch_dtype(n, "bfloat16", 22 * gib, None)
+    assert dtype == "bfloat16" and "not float32" in note and "22.0 GiB" in note
+    # the checkpoint's own dtype is memory-mapped (page cache, no OOM): runs, and the note says pages are re-read
+    dtype, note = cpu_torch_dtype(n, "bfloat16", 12 * gib, None)
+    assert dtype == "bfloat16" and "memory-mapped" in note and "re-read from disk" in note
+    with pytest.raises(BenchError, match="GiB is available: free memory"):  # a converted copy would not fit
+        cpu_torch_dtype(n, "float32", 12 * gib, None)
+    with pytest.raises(BenchError, match="try --dtype bf16"):  # asked for float32 explicitly: refused, not OOM
+        cpu_torch_dtype(n, "bfloat16", 22 * gib, "float32")
+    assert cpu_torch_dtype(n, "bfloat16", 22 * gib, "bfloat16") == ("bfloat16", "")
+    with pytest.raises(BenchError, match="GiB is available"):
+        cpu_torch_dtype(n, "bfloat16", gib // 2, "bfloat16")
+
+
+def test_bench_says_when_pytorch_runs_in_bf16(tmp_path: Path, tiny_artifact: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 made not to fit (available RAM between the bf16 and the float32 need): the PyTorch side runs in
+    bf16 and the report says so beside the table."""
+    import glm_runtime.engine
+    from glm_export.bench.run import Settings, plan, torch_rss_bytes
+    from glm_export.checkpoint import Checkpoint
+
+    manifest = json.loads((tiny_artifact / "manifest.json").read_text())
+    n = Checkpoint(Path(manifest["source"]["path"])).config.num_parameters()
+    avail = (torch_rss_bytes(n, "float32") + torch_rss_bytes(n, "bfloat16")) // 2
+    monkeypatch.setattr(glm_runtime.engine, "available_memory_bytes", lambda: avail)
+    monkeypatch.setattr("glm_export.bench.run._cuda_available", lambda: False)
+    settings = Settings([tiny_artifact])
+    sides, _ = plan(settings)
+    assert settings.torch_dtype == "bfloat16" and "not float32" in settings.torch_dtype_note
+    assert sides[0].label == "PyTorch bf16" and not any(s.strict for s in sides)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["bench", str(tiny_artifact), "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1",
+                            "--warmup", "0", "--probe-gib", "0.02", "--threads", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    md = (out / "bench.md").read_text()
+    assert "PyTorch runs in bf16, not float32" in md and "PyTorch bf16" in md
+    assert json.loads((out / "bench.json").read_text())["settings"]["torch_dtype"] == "bfloat16"

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from glm_export import calibrate, numerics
-from glm_export.quantize import QuantizeError, QuantOptions, check_options
+from glm_export.quantize.rewrite import QuantizeError, QuantOptions, check_options
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_text_files_and_user_jsonl(tmp_path: Path) -> None:
     ("int3", {}, "unknown quantized precision 'int3'"),
     ("fp8", {"target_compute_capability": 8.6}, "compute capability 8.9"),
     ("int4", {"weight_block": 100}, "--weight-block 100"),
-    ("int4", {"weight_method": "gptq"}, "--weight-method 'gptq'"),
+    ("int4", {"weight_method": "hqq"}, "--weight-method 'hqq'"),
     ("int8", {"smoothquant_alpha": 1.5}, "--smoothquant-alpha"),
     ("int8", {"calib_samples": 2}, "--calib-samples 2 is too few"),
     ("int8", {"kv_cache": "fp8"}, "kv-cache-dtype .fp8."),
@@ -130,7 +130,7 @@ def test_samples_too_short_once_tokenized_fail_as_a_quantize_error(tiny_checkpoi
     still be a QuantizeError (build prints it as one line), not a traceback, and it must name the fix."""
     import shutil
 
-    from glm_export.quantize import quantize_into
+    from glm_export.quantize.rewrite import quantize_into
 
     short = tmp_path / "short.jsonl"
     short.write_text("".join('{"text": "hi"}\n' for _ in range(10)))

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from glm_export.cli import app as export_app
-from glm_export.quantize import QuantOptions, quant_int8_channel, resolve_host_options
+from glm_export.quantize.rewrite import QuantOptions, quant_int8_channel, resolve_host_options
 from glm_runtime import engine_ort, hostinfo
 from glm_runtime.cli import app as runtime_app
 from tests.test_quantize import assert_within_rounding, one_matmul, run
@@ -69,7 +69,7 @@ def test_the_range_chosen_for_this_cpu_is_exact_here() -> None:
     model = one_matmul(w)
     q, s = quant_int8_channel(w, qmax)
     a = 2.0 / 127
-    from glm_export.quantize import Rewriter
+    from glm_export.quantize.rewrite import Rewriter
 
     Rewriter(model).qdq("lm_head.weight", q, s, a, np.array(0, np.int8))
     w_ref = q.astype(np.float32) * s

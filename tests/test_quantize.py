@@ -18,8 +18,8 @@ from onnx import TensorProto, helper
 
 from glm_export import accuracy, numerics
 from glm_export.checkpoint import load_model
-from glm_export.quant_int4 import Int4Blocks
-from glm_export.quantize import (
+from glm_export.quantize.int4 import Int4Blocks
+from glm_export.quantize.rewrite import (
     QuantizeError,
     QuantOptions,
     Rewriter,
@@ -202,7 +202,7 @@ def test_fp16_graph_for_tensorrt(tiny_checkpoint: Path, tmp_path: Path) -> None:
     the norms are found through the graph (their fp32 casts are anonymous initializers there), int4 is the
     blocked DequantizeLinear form, and ORT CPU still measures it."""
     from glm_export.export import export_onnx
-    from glm_export.quantize import options_for_backend
+    from glm_export.quantize.rewrite import options_for_backend
 
     art = tmp_path / "fp16"
     export_onnx(tiny_checkpoint, art, "float16")
@@ -237,9 +237,31 @@ def test_lm_head_precision(lm_head: str, tiny_checkpoint: Path, tiny_artifact: P
     assert ops.count("MatMulNBits") == 8
     inits = {t.name: t.data_type for t in m.graph.initializer}
     if lm_head == "float":
-        assert inits["lm_head.weight"] == onnx.TensorProto.FLOAT and "QuantizeLinear" not in ops
-        assert "lm_head in the graph's float type" in report["scheme"]
+        # unquantized, in the checkpoint's bf16 (never float32 in a quantized artifact), cast for the MatMul
+        assert inits["lm_head.weight"] == onnx.TensorProto.BFLOAT16 and "QuantizeLinear" not in ops
+        assert "lm_head unquantized" in report["scheme"]
     else:
         assert inits["lm_head.weight_quantized"] == onnx.TensorProto.INT8 and ops.count("QuantizeLinear") == 1
     with pytest.raises(QuantizeError, match="--lm-head int8 is what --precision int8 does"):
         check_options("int8", QuantOptions(lm_head="int8"))
+
+
+def test_lm_head_auto_follows_the_output_layers_share_of_the_bytes() -> None:
+    """``--lm-head auto``: int8 in int4 artifacts of GLM-4-9B's shapes (the head is 7 % of the decode bytes), the
+    artifact's precision where the head dominates (the 2-layer benchmark model, 60 %); fp8 always int8."""
+    from types import SimpleNamespace
+
+    from glm_export.quantize.rewrite import head_share, resolve_lm_head
+
+    def glm(layers: int) -> SimpleNamespace:  # GLM-4-9B's shapes (config of THUDM/glm-4-9b-chat)
+        return SimpleNamespace(vocab_size=151552, hidden_size=4096, q_size=4096, kv_size=256, ffn_hidden_size=13696,
+                               num_layers=layers)
+
+    full, two = glm(40), glm(2)
+    # by hand: 151552 x 4096 head against 40 layers of 4096 x 4608 + 4096 x 4096 + 3 x 4096 x 13696
+    assert head_share(full) == pytest.approx(620.76e6 / (620.76e6 + 40 * 203.95e6), rel=1e-3)
+    assert resolve_lm_head(QuantOptions(), full, "int4").lm_head == "int8"
+    assert resolve_lm_head(QuantOptions(), two, "int4").lm_head == "same"
+    assert resolve_lm_head(QuantOptions(), two, "fp8").lm_head == "int8"  # the same bytes as E4M3
+    assert resolve_lm_head(QuantOptions(), full, "int8").lm_head == "same"
+    assert resolve_lm_head(QuantOptions(lm_head="float"), full, "int4").lm_head == "float"

@@ -1,4 +1,4 @@
-"""INT4 block scales (``glm_export/quant_int4.py``): the clip search and zero points against a per-block
+"""INT4 block scales (``glm_export/quantize/int4.py``): the clip search and zero points against a per-block
 reference written here, their gain over plain round-to-nearest, and both graph forms."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from glm_export.quant_int4 import CLIP_GRID, quantize
-from glm_export.quantize import QuantizeError, QuantOptions, Rewriter, check_options, options_for_backend
+from glm_export.quantize.int4 import CLIP_GRID, quantize
+from glm_export.quantize.rewrite import QuantizeError, QuantOptions, Rewriter, check_options, options_for_backend
 from tests.test_quantize import one_matmul, run
 
 
@@ -128,3 +128,42 @@ def test_tensorrt_gets_symmetric_blocks() -> None:
         check_options("int4", bad)
     with pytest.raises(QuantizeError, match="weight-clip"):
         check_options("int4", QuantOptions(weight_clip="hqq"))
+
+
+def plain_awq_search(x: np.ndarray, w: np.ndarray, absmean: np.ndarray, block: int) -> tuple[np.ndarray, float,
+                                                                                            float]:
+    """AWQ's grid search written plainly (quantize, dequantize, divide, multiply: one new array per step), as it
+    was before the in-place version: the reference the fast one must equal exactly."""
+    from glm_export.quantize.rewrite import AWQ_GRID, dequant_int4_blocks, quant_int4_blocks, sample_columns
+
+    cols = sample_columns(w.shape[1])
+    if cols is not None:
+        w = w[:, cols]
+    ref = x @ w
+    norm = float((ref**2).sum()) or 1.0
+    found: list[tuple[float, np.ndarray]] = []
+    for i in range(AWQ_GRID):
+        s = np.maximum(absmean, 1e-6) ** (i / AWQ_GRID)
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+        q, sc = quant_int4_blocks(w * s[:, None], block)
+        found.append((float(((x @ (dequant_int4_blocks(q, sc, w.shape[0]) / s[:, None]) - ref) ** 2).sum()) / norm,
+                      s))
+    best = min(range(AWQ_GRID), key=lambda i: (found[i][0], i))
+    return found[best][1], found[best][0], found[0][0]
+
+
+@pytest.mark.parametrize(("k", "n", "block"), [(256, 384, 32), (100, 96, 32), (192, 5000, 64)])
+def test_awq_search_in_place_equals_the_plain_search(k: int, n: int, block: int) -> None:
+    """Same errors bit for bit, so the same choice: padded K (100 rows in blocks of 32), a wide layer searched on
+    its 4096-column sample, heavy-tailed activations (a few outlier channels, as in real models)."""
+    from glm_export.quantize.rewrite import awq_search
+
+    rng = np.random.default_rng(k + n)
+    x = rng.standard_normal((200, k)).astype(np.float32)
+    x[:, rng.choice(k, 4, replace=False)] *= 30.0
+    w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+    absmean = np.abs(x).mean(0).astype(np.float32)
+    s, err, rtn = awq_search(x, w, absmean, block, lambda v, reduce=None: v)
+    s0, err0, rtn0 = plain_awq_search(x, w, absmean, block)
+    assert err == err0 and rtn == rtn0 and np.array_equal(s, s0)
+    assert err < rtn  # the search found something better than round-to-nearest here

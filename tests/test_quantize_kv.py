@@ -1,4 +1,4 @@
-"""int8 KV cache (``glm_export/quant_kv.py``): the cache holds round(K / s) and round(V / s) of PyTorch's K/V,
+"""int8 KV cache (``glm_export/quantize/kv.py``): the cache holds round(K / s) and round(V / s) of PyTorch's K/V,
 the quantized model stays as accurate, and the backends that cannot take it are refused."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from glm_export import calibrate, quant_kv
+from glm_export import calibrate
 from glm_export.checkpoint import load_model
-from glm_export.quantize import QuantizeError, QuantOptions, check_options, options_for_backend, quantize_into
+from glm_export.quantize import kv as quant_kv
+from glm_export.quantize.rewrite import QuantizeError, QuantOptions, check_options, options_for_backend, quantize_into
 
 FAST = {"calib_samples": 16, "calib_seq_len": 128, "accuracy_samples": 2}
 

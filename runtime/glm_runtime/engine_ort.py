@@ -320,7 +320,7 @@ def load_engine(artifact: Path, manifest: dict[str, Any], config: ModelConfig, p
 
 
 def warn_cpu_tuning(manifest: dict[str, Any]) -> str | None:
-    """An int8 graph is built for one kind of CPU (manifest ``cpu_tuning``, see glm_export.quantize): full-range
+    """An int8 graph is built for one kind of CPU (manifest ``cpu_tuning``, see glm_export.quantize.rewrite): full-range
     weights saturate ONNX Runtime's int8 kernels on CPUs without an int8 dot product; 7-bit weights are exact
     everywhere but carry twice the rounding error a VNNI CPU could avoid. Say so once at load; return the text."""
     from glm_runtime.hostinfo import cpu

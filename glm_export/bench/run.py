@@ -6,12 +6,12 @@ Why this shape:
   (transformers' ``GlmForCausalLM``, eager, same weights, same prompts, same threads), and every number is
   measured next to it on the same machine in the same run.
 - Shared machines are noisy: sides alternate within every round (a fresh process per side and round,
-  :mod:`glm_export.bench_worker`), and a ratio is the median of the per-round side-by-side ratios, which
+  :mod:`glm_export.bench.worker`), and a ratio is the median of the per-round side-by-side ratios, which
   survives load that drifts over the run; absolute numbers are medians with their min-max spread.
 - A fast but wrong runtime must not win: before any timing, the first greedy tokens of every runtime side are
   compared with PyTorch's. An fp32 artifact against fp32 PyTorch must match exactly (else it is not timed,
   shows no speed-up and the command fails); a quantized one reports how many tokens match.
-- Decoding is bandwidth bound, so the report places every side on the roofline (:mod:`glm_export.roofline`).
+- Decoding is bandwidth bound, so the report places every side on the roofline (:mod:`glm_export.bench.roofline`).
 
 Outputs (each written atomically): ``bench.json`` (machine, versions, settings, raw samples, summary),
 ``bench.md``, ``bench.png`` (with matplotlib, the ``plot`` extra) and a table on the terminal.
@@ -37,7 +37,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from glm_export.bench_worker import case_key
+from glm_export.bench.worker import case_key
 
 SCHEMA = "glm-export-bench/1"
 TORCH = "torch"
@@ -78,7 +78,7 @@ class Settings:
     repeats: int = 3
     warmup: int = 1
     threads: int | None = None
-    torch_dtype: str | None = None  # None: the checkpoint's dtype on GPU, float32 on CPU
+    torch_dtype: str | None = None  # None: the checkpoint's dtype on GPU, float32 on CPU (16-bit if fp32 won't fit)
     compile: bool = False
     attn: str = "eager"
     check_tokens: int = 16
@@ -87,6 +87,7 @@ class Settings:
     probe_gib: float = 1.0
     profile: bool = False
     command: str = ""
+    torch_dtype_note: str = ""  # set by plan(): why PyTorch does not run in float32 on CPU (written into the report)
 
 
 # ---- settings --------------------------------------------------------------------------------------------
@@ -128,8 +129,8 @@ class Side:
 
 def plan(settings: Settings) -> tuple[list[Side], dict[str, Any]]:
     """Check the inputs before anything runs; return the sides and what the report needs to know."""
+    from glm_export.bench.roofline import kv_itemsize, torch_weight_bytes_per_step, weight_bytes_per_step
     from glm_export.checkpoint import Checkpoint, CheckpointError
-    from glm_export.roofline import kv_itemsize, torch_weight_bytes_per_step, weight_bytes_per_step
     from glm_runtime.manifest import read_manifest
 
     if not settings.artifacts:
@@ -171,9 +172,14 @@ def plan(settings: Settings) -> tuple[list[Side], dict[str, Any]]:
 
     if importlib.util.find_spec("transformers") is None:
         raise BenchError("the PyTorch side runs transformers' GlmForCausalLM: pip install 'transformers>=4.46'")
-    if settings.torch_dtype is None:
-        settings.torch_dtype = cfg.dtype if _cuda_available() else "float32"
-    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[settings.torch_dtype]
+    if _cuda_available():
+        settings.torch_dtype = settings.torch_dtype or cfg.dtype
+    else:
+        from glm_runtime.engine import available_memory_bytes
+
+        settings.torch_dtype, settings.torch_dtype_note = cpu_torch_dtype(
+            cfg.num_parameters(), cfg.dtype, available_memory_bytes(), settings.torch_dtype)
+    dtype_bytes = TORCH_DTYPE_BYTES[settings.torch_dtype]
     embed = cfg.vocab_size * cfg.hidden_size
     sides = [Side(TORCH, "torch", f"PyTorch {_short_dtype(settings.torch_dtype)}", settings.torch_dtype,
                   str(settings.model), bytes_per_step_weights=torch_weight_bytes_per_step(
@@ -188,6 +194,63 @@ def plan(settings: Settings) -> tuple[list[Side], dict[str, Any]]:
                           strict=m["precision"] == "fp32" and settings.torch_dtype == "float32",
                           bytes_per_step_weights=per_step, kv_itemsize=kv_itemsize(graph)))
     return sides, {"config": cfg}
+
+
+TORCH_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def torch_rss_bytes(num_parameters: int, dtype: str) -> int:
+    """Peak RSS of the PyTorch side, roughly: the weights in ``dtype`` plus 5% and 1 GiB for the interpreter,
+    torch/transformers, activations and the KV cache of a bench run (weights are loaded tensor by tensor into a
+    meta-device model, so there is no second copy)."""
+    return int(num_parameters * TORCH_DTYPE_BYTES[dtype] * 1.05) + 2**30
+
+
+def cpu_torch_dtype(num_parameters: int, checkpoint_dtype: str, available: int, requested: str | None
+                    ) -> tuple[str, str]:
+    """(dtype, note) of the PyTorch side on CPU. float32 is the reference, but a 9B model in float32 (~38 GB)
+    does not fit on most machines that run the quantized artifact; then the checkpoint's own 16-bit dtype is
+    used and the note (written into the report) says why.
+
+    In the checkpoint's own dtype the weights are not copied: they stay memory-mapped from the safetensors
+    files (``Checkpoint.tensor``), i.e. page cache the kernel can drop and re-read, never an OOM kill. Such a
+    run is refused only when not even the rest (1 GiB) fits; when the weights do not fit in the available RAM
+    the note says that pages may be re-read from disk during decode (slower than the machine can do). A dtype
+    that needs a converted copy is refused up front when it does not fit: an OOM kill would take the machine's
+    other jobs with it."""
+    gib = 2**30
+
+    def fits(dtype: str) -> tuple[bool, str]:
+        need = torch_rss_bytes(num_parameters, dtype)
+        if need <= available:
+            return True, ""
+        if dtype == checkpoint_dtype and 2**30 <= available:
+            return True, (f"the {_short_dtype(dtype)} weights are memory-mapped from the checkpoint: about "
+                          f"{need / gib:.1f} GiB with them, {available / gib:.1f} GiB available, so some pages are "
+                          f"re-read from disk during decode (PyTorch is slower here than on a machine where they fit)")
+        return False, ""
+
+    if requested is not None:
+        ok, note = fits(requested)
+        if not ok:
+            hint = "; try --dtype bf16" if requested == "float32" and fits("bfloat16")[0] else ""
+            raise BenchError(f"the PyTorch side in {requested} needs about "
+                             f"{torch_rss_bytes(num_parameters, requested) / gib:.1f} GiB of RAM, "
+                             f"{available / gib:.1f} GiB is available{hint}")
+        return requested, note
+    need32 = torch_rss_bytes(num_parameters, "float32")
+    if need32 <= available:
+        return "float32", ""
+    low = checkpoint_dtype if checkpoint_dtype in ("bfloat16", "float16") else "bfloat16"
+    ok, mapped = fits(low)
+    need16 = torch_rss_bytes(num_parameters, low)
+    if not ok:
+        raise BenchError(f"the PyTorch side needs about {need32 / gib:.1f} GiB of RAM in float32 and "
+                         f"{need16 / gib:.1f} GiB in {low}; {available / gib:.1f} GiB is available: free memory "
+                         f"or bench on a larger machine")
+    note = (f"PyTorch runs in {_short_dtype(low)}, not float32: float32 would need about {need32 / gib:.1f} GiB "
+            f"of RAM, {available / gib:.1f} GiB was available ({_short_dtype(low)}: about {need16 / gib:.1f} GiB)")
+    return low, note + (f"; {mapped}" if mapped else "")
 
 
 def _short_dtype(dtype: str) -> str:
@@ -217,7 +280,7 @@ def run_worker(job: dict[str, Any], workdir: Path, threads: int) -> dict[str, An
 
     roots = [str(Path(m.__file__).resolve().parents[1]) for m in (glm_export, glm_runtime)]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*roots, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    proc = subprocess.run([sys.executable, "-m", "glm_export.bench_worker", str(job_path)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "glm_export.bench.worker", str(job_path)], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
     if proc.returncode or not result.is_file():
         tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
@@ -334,7 +397,7 @@ def advantage(metric: Metric, torch_value: float, runtime_value: float) -> float
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Medians and spread per side, case and metric; per-round ratios against PyTorch; the roofline."""
-    from glm_export.roofline import decode_bound, kv_bytes_per_step
+    from glm_export.bench.roofline import decode_bound, kv_bytes_per_step
     from glm_runtime.engine import round_cache_len
 
     new_tokens = results["settings"]["new_tokens"]
@@ -487,6 +550,8 @@ def headline(results: dict[str, Any]) -> str:
 def markdown(results: dict[str, Any]) -> str:
     lines = ["# glm-export bench", "", f"`{results['command']}`" if results["command"] else "", "",
              headline(results) + ".", ""]
+    if results["settings"].get("torch_dtype_note"):
+        lines += [f"**{results['settings']['torch_dtype_note']}.**", ""]
     for case in results["cases"]:
         lines.append(f"## batch {case['batch']}, prompt {case['prompt_len']} tokens")
         lines.append("")
@@ -497,7 +562,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     lines += [_engines(results), "", _wrong_note(results)]
     if results.get("profile"):
-        from glm_export import bench_profile
+        from glm_export.bench import profiling as bench_profile
 
         lines += ["", "## Where a decode step spends its time", ""]
         labels = {s["id"]: s["label"] for s in results["sides"]}
@@ -528,6 +593,8 @@ def print_tables(results: dict[str, Any]) -> None:
     from glm_export.progress import console
 
     console.print(escape(headline(results)), highlight=False)
+    if results["settings"].get("torch_dtype_note"):
+        console.print(f"[bold]{escape(results['settings']['torch_dtype_note'])}[/]", highlight=False)
     for case in results["cases"]:
         header, rows = table_rows(results, case["key"])
         table = Table(title=f"batch {case['batch']}, prompt {case['prompt_len']} tokens", title_justify="left")

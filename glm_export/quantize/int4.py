@@ -63,6 +63,10 @@ class Int4Blocks:
             q = q - self.zero[:, None, :].astype(np.float32)
         return (q * self.scale[:, None, :]).reshape(-1, n)[: self.k]
 
+    def columns(self, cols: np.ndarray) -> Int4Blocks:
+        return Int4Blocks(self.q[:, cols], self.scale[:, cols], None if self.zero is None else self.zero[:, cols],
+                          self.k)
+
     def rel_error(self, w: np.ndarray) -> float:
         return float(((self.dequant() - w) ** 2).sum() / max(float((w.astype(np.float64) ** 2).sum()), 1e-30))
 

@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from glm_export.bench_worker import prompt_ids
+from glm_export.bench.worker import prompt_ids
 
 #: ops whose weight reads are what decoding is bound by (the embedding's Gather reads one row, not its table)
 MATMUL_OPS = ("MatMul", "MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat", "Gemm", "DynamicQuantizeMatMul",
@@ -37,7 +37,7 @@ def node_weight_bytes(model_path: Path) -> dict[str, int]:
     initializers (ORT fuses ``DequantizeLinear -> MatMul`` into one kernel that keeps the MatMul's name)."""
     import onnx
 
-    from glm_export.roofline import initializer_bytes
+    from glm_export.bench.roofline import initializer_bytes
 
     sizes = initializer_bytes(model_path)
     graph = onnx.load(str(model_path), load_external_data=False).graph

@@ -48,18 +48,27 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from glm_export import accuracy, calibrate, quant_int4, quant_kv
+from glm_export import accuracy, calibrate
 from glm_export.calibrate import CalibrationError, Stats
 from glm_export.progress import console
-from glm_export.quant_int4 import CLIP_METHODS, Int4Blocks
+from glm_export.quantize import gptq as quant_gptq
+from glm_export.quantize import int4 as quant_int4
+from glm_export.quantize import kv as quant_kv
+from glm_export.quantize.int4 import CLIP_METHODS, Int4Blocks
 
 QUANTIZED_PRECISIONS = ("fp8", "int8", "int4")
-WEIGHT_METHODS = ("rtn", "awq")
+WEIGHT_METHODS = ("rtn", "awq", "gptq", "awq-gptq")  # awq-gptq: AWQ's scales folded first, then GPTQ
 BLOCK_SIZES = (32, 64, 128)
 KV_CACHE_CHOICES = quant_kv.KV_CACHE_DTYPES
 INT4_FORMATS = ("nbits", "qdq")
-LM_HEAD_CHOICES = ("same", "float", "int8")
+LM_HEAD_CHOICES = ("auto", "same", "float", "int8")
+# --lm-head auto: int8 output layer in fp8 artifacts, and in int4 artifacts when it is at most this share of the
+# weights a decode step reads (GLM-4-9B: 7 %; glm-4-9b-2layer: 60 %; the trained tiny GLM: 96 %). resolve_lm_head.
+LM_HEAD_INT8_MAX_SHARE = 0.25
 FP8_MAX = 448.0
+FP8_ACT_RANGES = ("max", "percentile", "mse")
+FP8_PERCENTILE = 99.99  # of |x| over the sampled calibration rows (TensorRT / modelopt's usual percentile)
+FP8_MSE_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(17))  # clip ratios 1.0 .. 0.2 of the abs-max
 AWQ_GRID = 20
 
 
@@ -78,17 +87,25 @@ class QuantOptions:
     # int4 block size (32, 64 or 128). 32: measured on glm-4-9b-2layer, KL 0.116 vs 0.246 (block 128, the earlier
     # scheme) for ~20% more bytes per weight (5.1 vs 4.3 bits with fp32 scales and zero points)
     weight_block: int = 32
-    weight_method: str = "awq"  # "rtn" or "awq"
+    # int4 rounding: "rtn", "awq" (AWQ's activation-aware scales), "gptq" (error-compensating, act-order, static
+    # block scales; quantize/gptq.py) or "awq-gptq" (AWQ's scales folded, then GPTQ)
+    # default awq-gptq: measured on the trained tiny GLM (docs/quantization.md), held-out KL 6.9e-4 vs AWQ's 9.9e-3
+    # (block 32) at the same bytes and speed
+    weight_method: str = "awq-gptq"
     weight_clip: str = "mse"  # int4 block scales: "mse" (clip-ratio search + least-squares refit) or "none"
     # int4 zero points (asymmetric blocks): None = where the backend takes them (ONNX Runtime's MatMulNBits yes,
     # TensorRT's DequantizeLinear no: it accepts only zero-valued zero points)
     weight_zero_point: bool | None = None
     kv_cache: str = "model"  # "model" (graph dtype) or "int8" (static per-tensor scales, ONNX Runtime; quant_kv.py)
     int4_format: str = "nbits"  # "nbits" (ORT MatMulNBits) or "qdq" (blocked DequantizeLinear, TensorRT)
-    # Output layer: "same" (the artifact's precision and method), "float" (left in the graph's float type: fp32 on
+    # Output layer: "auto" (resolve_lm_head: int8 for int4 artifacts of full-size models, else "same"), "same"
+    # (the artifact's precision and method), "float" (left in the graph's float type: fp32 on
     # ONNX Runtime, fp16 for TensorRT) or "int8" (W8A8 per-channel with SmoothQuant, as --precision int8, inside an
     # int4 / fp8 artifact). Its error reaches every logit directly; llama.cpp keeps it at 6 bits in Q4_K_M.
-    lm_head: str = "same"
+    lm_head: str = "auto"
+    # fp8 static activation scale: calibrated abs-max ("max"), a percentile of |x| ("percentile") or the clip
+    # ratio of the abs-max with the least E4M3 round-trip squared error on the sampled rows ("mse")
+    fp8_act_range: str = "max"
     # int8 weights in [-63, 63] (ORT's reduce_range) or the full [-127, 127]. None: chosen for the build host
     # (resolve_host_options). ONNX Runtime's x86 int8 kernels without an int8 dot product (AVX2 only) add u8*s8
     # pairs in int16 and saturate with full-range weights (measured: 0.3 abs error on a 200-deep dot product, exact
@@ -140,6 +157,39 @@ def int4_zero_point(options: QuantOptions) -> bool:
     return bool(options.weight_zero_point)
 
 
+def head_share(cfg: Any) -> float:
+    """The output layer's share of the weights one decode step reads (all but the embedding)."""
+    head = cfg.vocab_size * cfg.hidden_size
+    layer = cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * cfg.hidden_size + \
+        3 * cfg.hidden_size * cfg.ffn_hidden_size
+    return head / (head + cfg.num_layers * layer)
+
+
+def resolve_lm_head(options: QuantOptions, cfg: Any, precision: str) -> QuantOptions:
+    """``lm_head="auto"`` -> a concrete choice, by measurement (docs/quantization.md, "Output layer"): in int4
+    artifacts an int8 output layer halves the held-out KL of the trained tiny GLM (AWQ+GPTQ: 6.9e-4 -> 3.5e-4,
+    top-1 0.973 -> 0.981), and costs bytes per token in proportion to the head's share of the weights: +4 % on
+    GLM-4-9B, but +37 % on glm-4-9b-2layer (0.60 -> 0.82 GiB per token), whose decoding is bandwidth-bound. So int8
+    when the head is at most ``LM_HEAD_INT8_MAX_SHARE`` of the decode bytes, the artifact's own precision
+    otherwise. FP8: an int8 head reads the same bytes as an E4M3 one and halves the KL (1.6e-3 -> 7.3e-4, top-1
+    0.960 -> 0.968), so always int8. int8 artifacts: "same" (it is int8 already)."""
+    if options.lm_head != "auto":
+        return options
+    int8 = precision == "fp8" or (precision == "int4" and head_share(cfg) <= LM_HEAD_INT8_MAX_SHARE)
+    return replace(options, lm_head="int8" if int8 else "same")
+
+
+def uses_gptq(options: QuantOptions) -> bool:
+    return options.weight_method in ("gptq", "awq-gptq")
+
+
+def hessian_modules(cfg: Any, precision: str, options: QuantOptions) -> list[str]:
+    """The MatMuls whose input second moments ``X^T X`` calibration must collect: the int4 ones, with GPTQ."""
+    if precision != "int4" or not uses_gptq(options):
+        return []
+    return [n for n in targets(cfg, options) if module_precision(n, precision, options) == "int4"]
+
+
 def check_options(precision: str, options: QuantOptions) -> None:
     """Refuse bad quantization input before any expensive work (called by ``build`` first)."""
     if precision not in QUANTIZED_PRECISIONS:
@@ -161,6 +211,8 @@ def check_options(precision: str, options: QuantOptions) -> None:
         raise QuantizeError("int4 zero points (--weight-zero-point) do not work on TensorRT: its DequantizeLinear "
                             "accepts only zero-valued zero points. Use --no-weight-zero-point (symmetric blocks) "
                             "for TensorRT backends")
+    if options.fp8_act_range not in FP8_ACT_RANGES:
+        raise QuantizeError(f"fp8 activation range {options.fp8_act_range!r}: choose one of {FP8_ACT_RANGES}")
     if options.lm_head not in LM_HEAD_CHOICES:
         raise QuantizeError(f"--lm-head {options.lm_head!r}: choose one of {LM_HEAD_CHOICES}")
     if options.lm_head == "int8" and precision == "int8":
@@ -195,6 +247,22 @@ def quant_fp8_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (w / scale).astype(ml_dtypes.float8_e4m3fn), scale
 
 
+def fp8_roundtrip(x: np.ndarray, scale: float) -> np.ndarray:
+    """What Q/DQ to E4M3 with ``scale`` makes of ``x`` (saturating at +-448, as QuantizeLinear does)."""
+    return np.clip(x / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale
+
+
+def fp8_act_absmax(rows: np.ndarray, absmax: float, method: str) -> float:
+    """The range mapped to E4M3's 448 for one MatMul input (see ``QuantOptions.fp8_act_range``)."""
+    if method == "max" or rows.size == 0:
+        return absmax
+    a = np.abs(rows).reshape(-1)
+    if method == "percentile":
+        return max(float(np.percentile(a, FP8_PERCENTILE)), 1e-12)
+    errs = [float(((fp8_roundtrip(rows, max(r * absmax, 1e-12) / FP8_MAX) - rows) ** 2).sum()) for r in FP8_MSE_GRID]
+    return FP8_MSE_GRID[int(np.argmin(errs))] * absmax
+
+
 def quant_int4_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int4 blocks along ``in``: (q [in_padded, out] int8 in [-8, 7], scale [blocks, out] fp32)."""
     k, n = w.shape
@@ -211,17 +279,27 @@ def dequant_int4_blocks(q: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
     return (q.reshape(scale.shape[0], block, -1) * scale[:, None, :]).reshape(q.shape)[:k]
 
 
+def sample_columns(n: int, max_cols: int = 4096) -> np.ndarray | None:
+    """The fixed subset of output columns that AWQ's search and the int4 error report use on wide layers (lm_head:
+    151552 columns); None when the layer is narrow enough to use them all."""
+    if n <= max_cols:
+        return None
+    return np.sort(np.random.default_rng(0).choice(n, max_cols, replace=False))
+
+
 def int4_output_error(x: np.ndarray, w: np.ndarray, blocks: Int4Blocks, max_cols: int = 4096) -> float:
     """Relative squared error of x @ W_int4 against x @ W on the sampled rows (wide layers: a column subset)."""
+    cols = sample_columns(w.shape[1], max_cols)
+    if cols is None:
+        return int4_error_on(x, w, blocks)
+    return int4_error_on(x, w[:, cols], blocks.columns(cols))
+
+
+def int4_error_on(x: np.ndarray, w: np.ndarray, blocks: Int4Blocks) -> float:
     if x.size == 0:
         return float("nan")
-    cols = np.arange(w.shape[1])
-    if w.shape[1] > max_cols:
-        cols = np.sort(np.random.default_rng(0).choice(w.shape[1], max_cols, replace=False))
-    sub = Int4Blocks(blocks.q[:, cols], blocks.scale[:, cols], None if blocks.zero is None else blocks.zero[:, cols],
-                     blocks.k)
-    ref = x @ w[:, cols]
-    return float(((x @ sub.dequant() - ref) ** 2).sum() / max(float((ref**2).sum()), 1e-30))
+    ref = x @ w
+    return float(((x @ blocks.dequant() - ref) ** 2).sum() / max(float((ref**2).sum()), 1e-30))
 
 
 def smooth_scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -236,20 +314,39 @@ def awq_search(x: np.ndarray, w: np.ndarray, absmean: np.ndarray, block: int, ti
 
     Returns (s, best error, round-to-nearest error) as relative squared errors on the sampled rows.
     Very wide layers (lm_head) are searched on a fixed subset of output columns.
+
+    Each candidate is quantized and dequantized in place in one float32 buffer (the same float operations, in the
+    same order per element, as ``quant_int4_blocks`` then ``dequant_int4_blocks`` / s: the levels are small
+    integers, exact in float32), so the errors and the choice are those of the plain formulation (test:
+    tests/test_quantize_int4.py) without its seven full-size temporaries per candidate.
     """
-    if w.shape[1] > 4096:
-        cols = np.random.default_rng(0).choice(w.shape[1], 4096, replace=False)
-        w = w[:, np.sort(cols)]
+    cols = sample_columns(w.shape[1])
+    if cols is not None:
+        w = w[:, cols]
     ref = x @ w
     norm = float((ref**2).sum()) or 1.0
+    k, n = w.shape
+    pad = -k % block
+    buf = np.zeros((k + pad, n), np.float32)  # padded rows stay zero: their blocks' levels are 0
+    mag = np.empty_like(buf)
+    blocks = buf.reshape(-1, block, n)
+    out = np.empty((x.shape[0], n), np.float32)
     best: tuple[float, np.ndarray] | None = None
     rtn = 0.0
     for i in range(AWQ_GRID):
         a = i / AWQ_GRID
         s = tie(np.maximum(absmean, 1e-6) ** a)  # o_proj: equal over the heads sharing a V channel
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        q, sc = quant_int4_blocks(w * s[:, None], block)
-        err = float(((x @ (dequant_int4_blocks(q, sc, w.shape[0]) / s[:, None]) - ref) ** 2).sum()) / norm
+        np.multiply(w, s[:, None], out=buf[:k])
+        scale = np.maximum(np.abs(blocks, out=mag.reshape(blocks.shape)).max(1), 1e-12).astype(np.float32) / 7.0
+        np.divide(blocks, scale[:, None, :], out=blocks)
+        np.rint(buf, out=buf)
+        np.clip(buf, -8, 7, out=buf)
+        np.multiply(blocks, scale[:, None, :], out=blocks)
+        np.divide(buf[:k], s[:, None], out=buf[:k])
+        np.matmul(x, buf[:k], out=out)
+        np.subtract(out, ref, out=out)
+        err = float((out**2).sum()) / norm
         if i == 0:
             rtn = err
         if best is None or err < best[0]:
@@ -266,6 +363,8 @@ class Weights:
     def __init__(self, graph: ir.Graph, cfg: Any) -> None:
         self.graph, self.cfg, self.arrays = graph, cfg, {}  # type: ignore[var-annotated]
         self.v_scales: dict[int, np.ndarray] = {}  # layer -> what V's channels were divided by (o_proj folds)
+        # name -> columns(selection) -> float32 [in, selected]: where wide weights are read from in chunks
+        self.sources: dict[str, Any] = {}
         # Each MatMul's RMSNorm scale, found through the graph: in fp16 / bf16 graphs the exporter folds the
         # norm weight's cast to fp32 into an anonymous initializer, so its canonical name is gone.
         self.norms: dict[str, str] = {}
@@ -282,6 +381,17 @@ class Weights:
             self.arrays[name] = np.array(self.graph.initializers[name].const_value.numpy(), dtype=np.float32)
         return self.arrays[name]
 
+    def width(self, name: str) -> int:
+        return int(self.graph.initializers[name].const_value.shape[1])
+
+    def columns(self, name: str, cols: slice | np.ndarray) -> np.ndarray:
+        """A float32 copy of some output columns of the ``[in, out]`` weight ``name``, without converting the whole
+        matrix: from ``sources[name]`` when set (the streamed build reads the checkpoint's rows), else from the
+        initializer (memory-mapped external data, or the array)."""
+        if name in self.sources:
+            return self.sources[name](cols)
+        return np.array(self.graph.initializers[name].const_value.numpy()[:, cols], dtype=np.float32)
+
     def has(self, name: str) -> bool:
         return name in self.graph.initializers
 
@@ -297,10 +407,12 @@ class Weights:
             return np.repeat(g[:, None, :], hpg, axis=1).reshape(-1)
         return tie
 
-    def fold(self, module: str, s: np.ndarray) -> None:
-        """Make the input of ``module`` x / s and its weight diag(s) W; the graph computes the same function."""
+    def fold(self, module: str, s: np.ndarray, weight: bool = True) -> None:
+        """Make the input of ``module`` x / s and its weight diag(s) W; the graph computes the same function.
+        ``weight=False``: the caller scales the weight itself (chunk by chunk, :func:`quantize_wide`)."""
         cfg = self.cfg
-        np.multiply(self[module], s[:, None], out=self[module])
+        if weight:
+            np.multiply(self[module], s[:, None], out=self[module])
         if module in self.norms:  # qkv, gate_up, lm_head
             norm = self[self.norms[module]]
             np.divide(norm, s, out=norm)
@@ -338,6 +450,10 @@ def module_precision(name: str, precision: str, options: QuantOptions) -> str:
 # ---- graph edits ---------------------------------------------------------------------------------------------------
 
 class Rewriter:
+    """The graph edits of quantization. ``log`` (when a list) receives one entry per edit, naming the initializers
+    it created, so a layer-streamed build can redo a finished layer's edits from the stored tensors without
+    recomputing them (:meth:`replay`, :mod:`glm_export.quantize.stream`)."""
+
     def __init__(self, model: ir.Model) -> None:
         self.model, self.graph = model, model.graph
         self.users = {n.inputs[1].name: n for n in self.graph if n.op_type == "MatMul" and n.inputs[1] is not None
@@ -346,18 +462,28 @@ class Rewriter:
         # and rewritten weights take it, so DequantizeLinear outputs what the MatMul expects.
         first = next(iter(self.users.values()), None)
         self.ftype = first.inputs[1].const_value.dtype.numpy() if first is not None else np.dtype(np.float32)
+        self.log: list[dict[str, Any]] | None = None
 
     def fconst(self, name: str, array: np.ndarray) -> ir.Value:
-        return self.const(name, np.ascontiguousarray(array).astype(self.ftype))
+        return self.const(name, self.float_array(array))
 
-    def const(self, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+    def float_array(self, array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(array).astype(self.ftype)
+
+    def const(self, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
+        tensor = array if not isinstance(array, np.ndarray) else ir.Tensor(array, name=name)
+        value = ir.Value(name=name, const_value=tensor)
         self.graph.register_initializer(value)
         return value
 
     def replace(self, name: str, array: np.ndarray) -> None:
         value = self.graph.initializers[name]
         value.const_value = ir.Tensor(np.ascontiguousarray(array).astype(value.const_value.dtype.numpy()), name=name)
+        self._record({"op": "replace", "name": name, "tensors": [name]})
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.append(entry)
 
     def _drop_weight(self, node: ir.Node) -> ir.Value:
         old = node.inputs[1]
@@ -366,47 +492,46 @@ class Rewriter:
 
     def qdq(self, name: str, wq: np.ndarray, wscale: np.ndarray, ascale: float | None, zero: np.ndarray) -> None:
         """``Q/DQ(x) @ DQ(W)`` (per-channel weight, no weight zero point); ``ascale`` None: weight-only."""
+        tensors = {"_quantized": wq, "_scale": self.float_array(wscale)}
+        if ascale is not None:
+            tensors.update(_act_scale=self.float_array(np.array(ascale)), _act_zp=zero)
+        self._qdq_nodes(name, tensors, ascale is not None)
+
+    def _qdq_nodes(self, name: str, tensors: dict[str, Any], act: bool) -> None:
         node = self.users[name]
         self._drop_weight(node)
-        wdq = ir.node("DequantizeLinear", [self.const(name + "_quantized", wq), self.fconst(name + "_scale", wscale)],
-                      {"axis": 1}, name=name + "/DequantizeLinear")
+        values = {k: self.const(name + k, t) for k, t in tensors.items()}  # registered in this order
+        wdq = ir.node("DequantizeLinear", [values["_quantized"], values["_scale"]], {"axis": 1},
+                      name=name + "/DequantizeLinear")
         nodes = [wdq]
-        if ascale is not None:
-            act = [self.fconst(name + "_act_scale", np.array(ascale)), self.const(name + "_act_zp", zero)]
-            q = ir.node("QuantizeLinear", [node.inputs[0], *act], name=name + "/act_QuantizeLinear")
-            dq = ir.node("DequantizeLinear", [q.outputs[0], *act], name=name + "/act_DequantizeLinear")
+        if act:
+            act_in = [values["_act_scale"], values["_act_zp"]]
+            q = ir.node("QuantizeLinear", [node.inputs[0], *act_in], name=name + "/act_QuantizeLinear")
+            dq = ir.node("DequantizeLinear", [q.outputs[0], *act_in], name=name + "/act_DequantizeLinear")
             nodes = [q, dq, wdq]
             node.replace_input_with(0, dq.outputs[0])
         self.graph.insert_before(node, nodes)
         node.replace_input_with(1, wdq.outputs[0])
+        self._record({"op": "qdq", "name": name, "act": act, "tensors": [name + k for k in tensors]})
 
     def int4(self, name: str, blocks: Int4Blocks, fmt: str) -> None:
         """Blocked int4: ``MatMulNBits`` (ORT) or ``MatMul(x, DQ(W_int4, block_size))`` (TensorRT, symmetric)."""
+        self._int4_nodes(name, int4_tensors(blocks, fmt, self.ftype), fmt, blocks.k, blocks.scale.shape[1],
+                         blocks.block)
+
+    def _int4_nodes(self, name: str, tensors: dict[str, Any], fmt: str, k: int, n: int, block: int) -> None:
         node = self.users[name]
         self._drop_weight(node)
-        q, scale, k = blocks.q, blocks.scale, blocks.k
-        n_blocks, n = scale.shape
-        block = blocks.block
+        self._record({"op": "int4", "name": name, "fmt": fmt, "k": k, "n": n, "block": block,
+                      "tensors": [name + s for s in tensors]})
         if fmt == "qdq":
-            if blocks.zero is not None:
-                raise QuantizeError("the blocked DequantizeLinear form (TensorRT) takes symmetric int4 only")
-            qv = self.const(name + "_quantized", q[:k].astype(ml_dtypes.int4))
-            dq = ir.node("DequantizeLinear", [qv, self.fconst(name + "_scale", scale)],
+            qv = self.const(name + "_quantized", tensors["_quantized"])
+            dq = ir.node("DequantizeLinear", [qv, self.const(name + "_scale", tensors["_scale"])],
                          {"axis": 0, "block_size": block}, name=name + "/DequantizeLinear")
             self.graph.insert_before(node, [dq])
             node.replace_input_with(1, dq.outputs[0])
             return
-        if blocks.zero is None:  # signed levels; MatMulNBits' default zero point is 8
-            u = (q.T.astype(np.int16) + 8).astype(np.uint8).reshape(n, n_blocks, block)
-        else:
-            u = q.T.reshape(n, n_blocks, block)
-        packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)  # [N, blocks, block / 2], low nibble first
-        inputs = [node.inputs[0], self.const(name + "_nbits", packed), self.fconst(name + "_scale", scale.T)]
-        if blocks.zero is not None:
-            z = blocks.zero.T  # [N, blocks]
-            if n_blocks % 2:
-                z = np.pad(z, ((0, 0), (0, 1)), constant_values=8)
-            inputs.append(self.const(name + "_zero_points", (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)))
+        inputs = [node.inputs[0], *(self.const(name + s, t) for s, t in tensors.items())]
         mm = ir.node("MatMulNBits", inputs,
                      {"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": 4},
                      domain="com.microsoft", outputs=[ir.Value(name=node.outputs[0].name + "_nbits")],
@@ -418,6 +543,50 @@ class Rewriter:
         new.name, new.type, new.shape = out_name, out.type, out.shape
         self.graph.remove(node, safe=True)
         self.model.opset_imports["com.microsoft"] = 1
+
+    def replay(self, entry: dict[str, Any], tensors: dict[str, ir.TensorProtocol]) -> None:
+        """Redo one logged edit with its stored tensors (``tensors``: initializer name -> tensor)."""
+        name, op = entry["name"], entry["op"]
+        if op == "replace":
+            self.graph.initializers[name].const_value = tensors[name]
+            self._record(entry)
+            return
+        by_suffix = {t[len(name):]: tensors[t] for t in entry["tensors"]}
+        if op == "qdq":
+            self._qdq_nodes(name, by_suffix, bool(entry["act"]))
+        elif op == "int4":
+            self._int4_nodes(name, by_suffix, entry["fmt"], entry["k"], entry["n"], entry["block"])
+        else:
+            raise ValueError(f"unknown logged edit {op!r}")
+
+
+def int4_tensors(blocks: Int4Blocks, fmt: str, ftype: Any) -> dict[str, np.ndarray]:
+    """The initializers (by name suffix) of a blocked int4 MatMul: MatMulNBits' packed ``[N, blocks, block / 2]``
+    nibbles, ``[N, blocks]`` scales and packed zero points (``"nbits"``), or the int4 ``[K, N]`` weight and
+    ``[blocks, N]`` scales of a blocked DequantizeLinear (``"qdq"``). Output column j of the weight is row j of the
+    nbits tensors and column j of the qdq ones (:data:`INT4_COLUMN_AXIS`)."""
+    q, scale, k = blocks.q, blocks.scale, blocks.k
+    n_blocks, n = scale.shape
+    block = blocks.block
+    if fmt == "qdq":
+        if blocks.zero is not None:
+            raise QuantizeError("the blocked DequantizeLinear form (TensorRT) takes symmetric int4 only")
+        return {"_quantized": q[:k].astype(ml_dtypes.int4), "_scale": np.ascontiguousarray(scale).astype(ftype)}
+    if blocks.zero is None:  # signed levels; MatMulNBits' default zero point is 8
+        u = (q.T.astype(np.int16) + 8).astype(np.uint8).reshape(n, n_blocks, block)
+    else:
+        u = q.T.reshape(n, n_blocks, block)
+    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)  # [N, blocks, block / 2], low nibble first
+    tensors = {"_nbits": packed, "_scale": np.ascontiguousarray(scale.T).astype(ftype)}
+    if blocks.zero is not None:
+        z = blocks.zero.T  # [N, blocks]
+        if n_blocks % 2:
+            z = np.pad(z, ((0, 0), (0, 1)), constant_values=8)
+        tensors["_zero_points"] = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+    return tensors
+
+
+INT4_COLUMN_AXIS = {"nbits": 0, "qdq": 1}
 
 
 # ---- the whole step ----------------------------------------------------------------------------------------------
@@ -437,10 +606,13 @@ def quantize_names(names: list[str], w: Weights, rw: Rewriter, artifact_precisio
     """Quantize the MatMuls ``names`` and write back every tensor their folds edited; per-module details.
 
     The folds of a decoder layer's modules edit only that layer's tensors (and lm_head's the final norm), so
-    calling this once per layer (:mod:`glm_export.stream_quant`) computes what one call over all names does.
+    calling this once per layer (:mod:`glm_export.quantize.stream`) computes what one call over all names does.
     """
     layers: dict[str, Any] = {}
     rows: dict[str, np.ndarray] = {}  # int4: each MatMul's sampled input rows, as the folded graph feeds them
+    hessians: dict[str, np.ndarray] = {}  # GPTQ: each MatMul's E[x x^T], of the folded input
+    wide = [n for n in names if is_wide(n, w)]
+    names = [n for n in names if n not in wide]
     for name in names:
         st = stats.modules[name]
         amax = st.absmax.numpy().astype(np.float32)
@@ -454,22 +626,42 @@ def quantize_names(names: list[str], w: Weights, rw: Rewriter, artifact_precisio
             info["smooth_max_ratio"] = round(float(s.max() / s.min()), 2)
         if precision == "int4":
             rows[name] = st.sample_rows().numpy()
-        if precision == "int4" and options.weight_method == "awq":
+        if precision == "int4" and uses_gptq(options):
+            hessians[name] = st.hessian().numpy()
+        if precision == "int4" and options.weight_method in ("awq", "awq-gptq"):
             absmean = st.absmean.numpy().astype(np.float32)
             s, err, rtn = awq_search(rows[name], w[name], absmean, options.weight_block, partial(tie, reduce=np.mean))
             w.fold(name, s)
             rows[name] = rows[name] / s
+            if name in hessians:  # the folded input is x / s
+                hessians[name] = hessians[name] / np.outer(s, s)
             info.update(awq_rel_err=float(f"{err:.3g}"), rtn_rel_err=float(f"{rtn:.3g}"))
-        if precision in ("int8", "fp8"):
+        if precision == "int8":
             info["act_absmax"] = round(float(amax.max()), 4)
+        if precision == "fp8":
+            info["act_absmax"] = round(float(amax.max()), 4)
+            if options.fp8_act_range != "max":
+                rng = fp8_act_absmax(st.sample_rows().numpy(), float(amax.max()), options.fp8_act_range)
+                info["act_range"] = float(f"{rng:.6g}")
         layers[name] = info
     for name in names:  # after all folding: a later module's fold may edit an earlier weight's columns
         precision = module_precision(name, artifact_precision, options)
         if precision == "int4":
             x = rows.pop(name)
             zp = int4_zero_point(options)
-            blocks = quant_int4.quantize(w[name], options.weight_block, options.weight_clip, zp,
-                                         quant_int4.importance_from_rows(x) if options.weight_clip == "mse" else None)
+            if name in hessians:
+                try:
+                    blocks, gi = quant_gptq.quantize(w[name], hessians.pop(name), options.weight_block,
+                                                     options.weight_clip, zp)
+                except quant_gptq.GPTQError as e:
+                    raise QuantizeError(f"{name}: {e}") from None
+                layers[name].update(gptq_proxy_err=float(f"{gi.proxy_err:.3g}"),
+                                    gptq_rtn_proxy_err=float(f"{gi.rtn_proxy_err:.3g}"), gptq_damp=gi.damp,
+                                    gptq_dead_inputs=gi.dead)
+            else:
+                blocks = quant_int4.quantize(w[name], options.weight_block, options.weight_clip, zp,
+                                             quant_int4.importance_from_rows(x) if options.weight_clip == "mse"
+                                             else None)
             layers[name]["int4_rel_err"] = float(f"{int4_output_error(x, w[name], blocks):.3g}")
             rw.int4(name, blocks, options.int4_format)
         elif precision == "int8":
@@ -477,12 +669,152 @@ def quantize_names(names: list[str], w: Weights, rw: Rewriter, artifact_precisio
             rw.qdq(name, q8, sc, layers[name]["act_absmax"] / 127.0, np.array(0, np.int8))
         else:
             qf, sc = quant_fp8_channel(w[name])
-            rw.qdq(name, qf, sc, layers[name]["act_absmax"] / FP8_MAX, np.array(0, ml_dtypes.float8_e4m3fn))
+            rng = layers[name].get("act_range", layers[name]["act_absmax"])
+            rw.qdq(name, qf, sc, rng / FP8_MAX, np.array(0, ml_dtypes.float8_e4m3fn))
         w.arrays.pop(name)
+    for name in wide:  # lm_head: it folds only into the final norm, and nothing folds into it
+        layers[name] = quantize_wide(name, w, rw, module_precision(name, artifact_precision, options), options,
+                                     stats.modules[name])
     for name, array in w.arrays.items():  # norms and the qkv bias that absorbed scales
         rw.replace(name, array)
     w.arrays.clear()
     return layers
+
+
+WIDE_COLUMNS = 65536  # output layers wider than this are quantized in column chunks (GLM-4's lm_head: 151552)
+CHUNK_BYTES = 64 << 20  # float32 bytes of one chunk of columns (a few temporaries of this size at a time)
+
+
+def is_wide(name: str, w: Weights) -> bool:
+    return name in w.norms and not name.startswith("layers.") and w.width(name) > WIDE_COLUMNS
+
+
+def chunk_columns(k: int) -> int:
+    """Columns per chunk: ``CHUNK_BYTES`` of float32, a multiple of the int4 clip search's own column step."""
+    step = max(1, quant_int4.CHUNK_ELEMENTS // (k + (-k % 32)))
+    return max(step, CHUNK_BYTES // (4 * k) // step * step)
+
+
+def quantize_wide(name: str, w: Weights, rw: Rewriter, precision: str, options: QuantOptions, st: Any,
+                  chunk: int | None = None) -> dict[str, Any]:
+    """:func:`quantize_names` for one very wide MatMul (the 151552 x 4096 output layer), a chunk of output
+    columns at a time: int8 / fp8 scales are per output column and int4 blocks run down a column, so columns are
+    independent and the result is the whole-matrix result, bit for bit (tests/test_quantize_wide.py). The
+    whole-matrix code held the weight in float32 plus two or three float32 temporaries of the same size (7.8 GB
+    measured on GLM-4-9B int8); here one float32 chunk and the quantized output."""
+    k, n = w.graph.initializers[name].const_value.shape
+    chunk = chunk or chunk_columns(k)
+    spans = [slice(c, min(c + chunk, n)) for c in range(0, n, chunk)]
+    amax = st.absmax.numpy().astype(np.float32)
+    info: dict[str, Any] = {}
+    s: np.ndarray | None = None
+    x = None
+    if precision == "int8" and options.smoothquant_alpha > 0:
+        wmax = np.zeros(k, np.float32)
+        for sp in spans:
+            np.maximum(wmax, np.abs(w.columns(name, sp)).max(1), out=wmax)
+        s = smooth_scales(amax, wmax, options.smoothquant_alpha)
+        w.fold(name, s, weight=False)
+        amax = amax / s
+        info["smooth_max_ratio"] = round(float(s.max() / s.min()), 2)
+    h: np.ndarray | None = None  # GPTQ's E[x x^T] of the (folded) input: shared by every column chunk
+    if precision == "int4":
+        x = st.sample_rows().numpy()
+        if uses_gptq(options):
+            h = st.hessian().numpy()
+    if precision == "int4" and options.weight_method in ("awq", "awq-gptq"):
+        cols = sample_columns(n)
+        s, err, rtn = awq_search(x, w.columns(name, slice(None) if cols is None else cols),
+                                 st.absmean.numpy().astype(np.float32), options.weight_block, lambda v: v)
+        w.fold(name, s, weight=False)
+        x = x / s
+        if h is not None:
+            h = h / np.outer(s, s)
+        info.update(awq_rel_err=float(f"{err:.3g}"), rtn_rel_err=float(f"{rtn:.3g}"))
+    if precision in ("int8", "fp8"):
+        info["act_absmax"] = round(float(amax.max()), 4)
+    if precision == "fp8" and options.fp8_act_range != "max":
+        rng = fp8_act_absmax(st.sample_rows().numpy(), float(amax.max()), options.fp8_act_range)
+        info["act_range"] = float(f"{rng:.6g}")
+
+    def folded(cols: slice | np.ndarray) -> np.ndarray:
+        c = w.columns(name, cols)
+        if s is not None:
+            np.multiply(c, s[:, None], out=c)
+        return c
+
+    if precision == "int4":
+        assert x is not None
+        zp = int4_zero_point(options)
+        imp = quant_int4.importance_from_rows(x) if options.weight_clip == "mse" else None
+        fmt, axis = options.int4_format, INT4_COLUMN_AXIS[options.int4_format]
+        cols = sample_columns(n)
+        assert cols is not None  # wide means wider than the error's column sample
+        out: dict[str, np.ndarray] = {}
+        sampled: list[Int4Blocks] = []
+        block = options.weight_block
+        proxy: list[tuple[int, float, float]] = []
+        for sp in spans:  # quantize and pack each chunk straight into the initializers
+            if h is not None:  # GPTQ's updates run along the inputs, per output column: chunks are independent
+                try:
+                    b, gi = quant_gptq.quantize(folded(sp), h, block, options.weight_clip, zp)
+                except quant_gptq.GPTQError as e:
+                    raise QuantizeError(f"{name}: {e}") from None
+                proxy.append((sp.stop - sp.start, gi.proxy_err, gi.rtn_proxy_err))
+                info.update(gptq_damp=gi.damp, gptq_dead_inputs=gi.dead)
+            else:
+                b = quant_int4.quantize(folded(sp), block, options.weight_clip, zp, imp)
+            for suffix, t in int4_tensors(b, fmt, rw.ftype).items():
+                if suffix not in out:
+                    shape = list(t.shape)
+                    shape[axis] = n
+                    out[suffix] = np.empty(shape, t.dtype)
+                out[suffix][(slice(None),) * axis + (sp,)] = t
+            sampled.append(b.columns(cols[(cols >= sp.start) & (cols < sp.stop)] - sp.start))
+        picked = Int4Blocks(np.concatenate([b.q for b in sampled], 1), np.concatenate([b.scale for b in sampled], 1),
+                            None if not zp else np.concatenate([b.zero for b in sampled], 1), k)  # type: ignore[misc]
+        info["int4_rel_err"] = float(f"{int4_error_on(x, folded(cols), picked):.3g}")
+        if proxy:  # the per-chunk relative errors, averaged over columns (each chunk has its own denominator)
+            info["gptq_proxy_err"] = float(f"{sum(c * e for c, e, _ in proxy) / n:.3g}")
+            info["gptq_rtn_proxy_err"] = float(f"{sum(c * r for c, _, r in proxy) / n:.3g}")
+        rw._int4_nodes(name, out, fmt, k, n, block)
+        return info
+    qdtype = np.int8 if precision == "int8" else ml_dtypes.float8_e4m3fn
+    q, scale = np.empty((k, n), qdtype), np.empty(n, np.float32)
+    for sp in spans:
+        if precision == "int8":
+            q[:, sp], scale[sp] = quant_int8_channel(folded(sp), 63 if options.int8_reduce_range else 127)
+        else:
+            q[:, sp], scale[sp] = quant_fp8_channel(folded(sp))
+    if precision == "int8":
+        rw.qdq(name, q, scale, info["act_absmax"] / 127.0, np.array(0, np.int8))
+    else:
+        rng = info.get("act_range", info["act_absmax"])
+        rw.qdq(name, q, scale, rng / FP8_MAX, np.array(0, ml_dtypes.float8_e4m3fn))
+    return info
+
+
+_DTYPES_16 = {"BF16": ir.DataType.BFLOAT16, "F16": ir.DataType.FLOAT16}  # safetensors dtype -> graph dtype
+
+
+def _float_initializer(model: ir.Model, name: str) -> ir.Value | None:
+    value = model.graph.initializers.get(name)
+    if value is None or value.const_value is None or value.const_value.dtype != ir.DataType.FLOAT:
+        return None
+    return value
+
+
+def _store_16bit(value: ir.Value, target: ir.DataType, load: Any = None) -> None:
+    """Make a float32 initializer ``target`` (bf16 / fp16), lazily: ``load`` returns the 16-bit tensor (the
+    checkpoint's own values), else the float32 one is converted when the graph is written."""
+    old = value.const_value
+    np_type = ml_dtypes.bfloat16 if target == ir.DataType.BFLOAT16 else np.float16
+
+    def convert() -> ir.Tensor:
+        return ir.Tensor(old.numpy().astype(np_type), name=value.name)
+
+    value.const_value = ir.LazyTensor(load or convert, dtype=target, shape=old.shape, name=value.name)
+    value.dtype = target
 
 
 def embed_16bit(model: ir.Model, dtype: str, load: Any = None) -> bool:
@@ -491,21 +823,14 @@ def embed_16bit(model: ir.Model, dtype: str, load: Any = None) -> bool:
     2.5 GB for GLM-4-9B's 151552 x 4096 table). ``load`` returns the 16-bit ``ir.Tensor`` (default: converted
     from the graph's float32 initializer). Returns whether the graph changed (not for fp32 checkpoints or
     graphs that are not float32)."""
-    target = {"BF16": ir.DataType.BFLOAT16, "F16": ir.DataType.FLOAT16}.get(dtype)
-    value = model.graph.initializers.get("embed.weight")
-    if target is None or value is None or value.const_value is None or value.const_value.dtype != ir.DataType.FLOAT:
+    target = _DTYPES_16.get(dtype)
+    value = _float_initializer(model, "embed.weight")
+    if target is None or value is None:
         return False
     gathers = [n for n in value.uses() if n.node.op_type == "Gather" and n.idx == 0]
     if len(gathers) != len(list(value.uses())):
         return False  # also read by something else (a tied output layer): leave it
-    old = value.const_value
-    np_type = ml_dtypes.bfloat16 if target == ir.DataType.BFLOAT16 else np.float16
-
-    def convert() -> ir.Tensor:
-        return ir.Tensor(old.numpy().astype(np_type), name="embed.weight")
-
-    value.const_value = ir.LazyTensor(load or convert, dtype=target, shape=old.shape, name="embed.weight")
-    value.dtype = target
+    _store_16bit(value, target, load)
     for use in gathers:
         gather = use.node
         out = gather.outputs[0]
@@ -517,6 +842,31 @@ def embed_16bit(model: ir.Model, dtype: str, load: Any = None) -> bool:
         model.graph.insert_after(gather, [cast])
         for user in users:
             user.node.replace_input_with(user.idx, cast.outputs[0])
+    return True
+
+
+def head_16bit(model: ir.Model, dtype: str, load: Any = None) -> bool:
+    """``--lm-head float`` in a float32 graph (ONNX Runtime): store the output layer in the checkpoint's 16-bit type
+    (``dtype``: "BF16" / "F16") with a Cast to float32 in front of its MatMul, as :func:`embed_16bit` does for the
+    embedding: a quantized artifact never carries the 151552 x 4096 output layer in float32 (issue 13). The values
+    are the checkpoint's, exactly. ONNX Runtime CPU widens it once at session load (it folds the Cast; measured),
+    so its runtime still holds float32 for this choice: ``--lm-head int8`` is the one that saves memory there.
+    ``load`` returns the 16-bit ``[in, out]`` ``ir.Tensor`` (default: converted from the float32 initializer)."""
+    target = _DTYPES_16.get(dtype)
+    value = _float_initializer(model, "lm_head.weight")
+    if target is None or value is None:
+        return False
+    uses = list(value.uses())
+    if not uses or any(u.node.op_type != "MatMul" or u.idx != 1 for u in uses):
+        return False
+    shape = value.const_value.shape
+    _store_16bit(value, target, load)
+    cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT}, name="lm_head.weight/Cast",
+                   outputs=[ir.Value(name="lm_head.weight_float", type=ir.TensorType(ir.DataType.FLOAT),
+                                     shape=shape)])
+    model.graph.insert_before(uses[0].node, [cast])
+    for use in uses:
+        use.node.replace_input_with(use.idx, cast.outputs[0])
     return True
 
 
@@ -552,6 +902,8 @@ def rewrite_file(artifact: Path, cfg: Any, precision: str, options: QuantOptions
     layers = quantize_graph(model, cfg, precision, options, stats)
     if embed_dtype:
         embed_16bit(model, embed_dtype)
+        if options.lm_head == "float":
+            head_16bit(model, embed_dtype)
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     stage = artifact / ".quantize"
     shutil.rmtree(stage, ignore_errors=True)
@@ -579,6 +931,7 @@ def quantize_into(model_dir: Path, artifact: Path, precision: str, options: Quan
     t0 = time.perf_counter()
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
+    options = resolve_lm_head(options, cfg, precision)
     try:
         records = calibrate.load_records(options.calibration)
         seqs, note = calibrate.tokenize(records, _tokenizer_dir(Path(model_dir), Path(artifact)), cfg.vocab_size,
@@ -588,7 +941,7 @@ def quantize_into(model_dir: Path, artifact: Path, precision: str, options: Quan
     if "random token ids" in note:
         console.print(f"[yellow]note:[/] {note}")
     model = load_model(ckpt, torch.float32)
-    stats = calibrate.collect(model, seqs, note)
+    stats = calibrate.collect(model, seqs, note, hessian=hessian_modules(cfg, precision, options))
     del model
     gc.collect()
     t1 = time.perf_counter()
@@ -612,11 +965,11 @@ def quantize_into(model_dir: Path, artifact: Path, precision: str, options: Quan
     return report
 
 
-def embedding_dtype(ckpt: Any) -> str:
-    """The safetensors dtype of the checkpoint's embedding ("BF16" for GLM-4-9B)."""
+def embedding_dtype(ckpt: Any, canonical: str = "embed.weight") -> str:
+    """The safetensors dtype of the checkpoint's embedding ("BF16" for GLM-4-9B), or of another tensor."""
     from glm_export.checkpoint import source_parts
 
-    name = source_parts(ckpt.config, ckpt.layout, "embed.weight")[0][0]
+    name = source_parts(ckpt.config, ckpt.layout, canonical)[0][0]
     return ckpt.tensors[name].dtype
 
 
@@ -628,8 +981,9 @@ def describe(precision: str, options: QuantOptions) -> str:
 
 
 def _describe_weights(precision: str, options: QuantOptions) -> str:
-    head = {"same": " and lm_head", "float": " (lm_head in the graph's float type)",
-            "int8": " (lm_head int8 W8A8, per-channel, SmoothQuant)"}[options.lm_head]
+    head = {"same": " and lm_head", "float": " (lm_head unquantized: the checkpoint's 16-bit type, cast to the "
+                                             "graph's float type)",
+            "int8": " (lm_head int8 W8A8, per-channel, SmoothQuant)", "auto": " and lm_head (auto)"}[options.lm_head]
     if precision == "int8":
         sm = f"SmoothQuant alpha {options.smoothquant_alpha}" if options.smoothquant_alpha else "no smoothing"
         bits = "7-bit range (reduce_range)" if options.int8_reduce_range else "full range"
@@ -638,12 +992,16 @@ def _describe_weights(precision: str, options: QuantOptions) -> str:
                 f"norms, attention and KV cache fp32")
     if precision == "fp8":
         return (f"FP8 E4M3 on qkv/o_proj/gate_up/down{head}: per-channel weight scales, static per-tensor "
-                f"activation scales; embedding, norms, attention and KV cache fp32")
+                f"activation scales; embedding in the checkpoint's type (16-bit), norms, attention and KV cache in "
+                f"the graph's float type")
     fmt = "MatMulNBits (accuracy_level 4)" if options.int4_format == "nbits" else "blocked DequantizeLinear"
     kind = "asymmetric (4-bit zero points)" if int4_zero_point(options) else "symmetric"
     clip = ", MSE clip search per block" if options.weight_clip == "mse" else ", abs-max scales"
+    method = {"gptq": "GPTQ (act-order, static block scales)",
+              "awq-gptq": "AWQ scales then GPTQ (act-order, static block scales)"}.get(
+                  options.weight_method, options.weight_method.upper())
     return (f"INT4 weight-only on qkv/o_proj/gate_up/down{head}: {kind} blocks of {options.weight_block}, "
-            f"{options.weight_method.upper()}{clip}, as {fmt}; activations fp32")
+            f"{method}{clip}, as {fmt}; activations fp32")
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""One side of ``glm-export bench`` in a process of its own: ``python -m glm_export.bench_worker JOB.json``.
+"""One side of ``glm-export bench`` in a process of its own: ``python -m glm_export.bench.worker JOB.json``.
 
 Why a process per side and round: peak RSS is then that side's alone, two multi-GB models never share the
 machine's RAM, and every round starts cold the same way for every side. The job (JSON) names the side:
@@ -7,8 +7,8 @@ machine's RAM, and every round starts cold the same way for every side. The job 
   GPU, fp32 or bf16 on CPU, optionally ``torch.compile``); a chatglm-layout checkpoint is renamed through
   :data:`glm_export.checkpoint.LAYOUTS` (the one name table of this project).
 - ``runtime``: ``glm_runtime.load(artifact)``, i.e. the engine a user of the artifact gets.
-- ``bandwidth``: the read-bandwidth probes of :mod:`glm_export.roofline`.
-- ``profile``: one profiled generation of an artifact (:mod:`glm_export.bench_profile`).
+- ``bandwidth``: the read-bandwidth probes of :mod:`glm_export.bench.roofline`.
+- ``profile``: one profiled generation of an artifact (:mod:`glm_export.bench.profiling`).
 
 Both model sides time the same thing the same way: per case (batch, prompt length) ``warmup`` untimed runs,
 then one timed greedy run of ``new_tokens`` tokens with stop ids ignored, timestamps taken when the first and
@@ -270,13 +270,13 @@ def torch_side(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def bandwidth_side(job: dict[str, Any]) -> dict[str, Any]:
-    from glm_export.roofline import measure_bandwidth
+    from glm_export.bench.roofline import measure_bandwidth
 
     return {"bandwidth": measure_bandwidth(job["threads"], job.get("probe_gib", 1.0))}
 
 
 def profile_side(job: dict[str, Any]) -> dict[str, Any]:
-    from glm_export.bench_profile import profile_side as profile
+    from glm_export.bench.profiling import profile_side as profile
 
     return profile(job)
 
@@ -288,7 +288,7 @@ SIDES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        sys.exit("usage: python -m glm_export.bench_worker JOB.json  (started by glm-export bench)")
+        sys.exit("usage: python -m glm_export.bench.worker JOB.json  (started by glm-export bench)")
     job = json.loads(Path(args[0]).read_text())
     result = SIDES[job["kind"]](job)
     result["peak_rss_bytes"] = peak_rss_bytes()
