@@ -18,6 +18,7 @@ from glm_runtime.config import ModelConfig
 GiB = 1024**3
 BASE = int(0.8 * GiB)  # Python, torch, ONNX Runtime and onnx_ir loaded, the traced graph's structure
 ROWS_KEPT = 512  # calibrate.ROWS_KEPT rows, twice before a trim
+CHUNK_BYTES = 64 << 20  # quantize.rewrite.CHUNK_BYTES (not imported: this module stays light)
 ORT_SESSION_FACTOR = 1.1  # ONNX Runtime's session of an artifact: its initializers plus prepacking slack
 
 
@@ -42,11 +43,14 @@ def layer_params(cfg: ModelConfig) -> int:
             + 3 * cfg.hidden_size * cfg.ffn_hidden_size)
 
 
+def artifact_bytes_per_weight(precision: str, weight_block: int = 32) -> float:
+    return {"int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / weight_block, "fp32": 4.0, "fp16": 2.0, "bf16": 2.0}[precision]
+
+
 def artifact_bytes(cfg: ModelConfig, precision: str, weight_block: int = 32, embed_bytes: int = 2) -> int:
     """The artifact's weights: quantized MatMuls (decoder layers and lm_head), the embedding, small tensors."""
     matmul = cfg.num_layers * layer_params(cfg) + cfg.vocab_size * cfg.hidden_size
-    per_weight = {"int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / weight_block, "fp32": 4.0, "fp16": 2.0,
-                  "bf16": 2.0}[precision]
+    per_weight = artifact_bytes_per_weight(precision, weight_block)
     embed = cfg.vocab_size * cfg.hidden_size * (embed_bytes if precision in ("int8", "fp8", "int4") else
                                                 per_weight)
     return int(matmul * per_weight + embed + 8 * cfg.num_layers * cfg.hidden_size * 4)
@@ -77,10 +81,13 @@ def estimate(cfg: ModelConfig, precision: str, backend: str, streamed: bool, cal
         # one layer in float32, its largest tensor twice while copied, its quantized form, the rows kept
         biggest = 4 * 2 * cfg.hidden_size * cfg.ffn_hidden_size
         layer_unit = BASE + layer32 + biggest + layer_params(cfg) + calibration_bytes(cfg, calib_samples, 0)
-        # ... or the output layer, the largest unit: its float32 rows, the abs-max / scaled temporaries of the same
-        # size, and its quantized form (GLM-4-9B int8: 7.8 GB measured at this unit, one decoder layer ~3.2 GB)
-        head_unit = BASE + 3 * 4 * cfg.vocab_size * cfg.hidden_size + cfg.vocab_size * cfg.hidden_size
-        steps["quantize"] = max(layer_unit, head_unit)
+        # ... or the output layer, quantized in chunks of columns (quantize.rewrite.quantize_wide): its 16-bit
+        # checkpoint rows mapped, its quantized form, a few float32 chunks, the rows kept (GLM-4-9B int8: 7.8 GB
+        # measured before chunking; 2.41 GB for the output layer alone after, plus the rows)
+        head_unit = (BASE + cfg.vocab_size * cfg.hidden_size * 2 + artifact_bytes_per_weight(precision,
+                     weight_block) * cfg.vocab_size * cfg.hidden_size + 6 * CHUNK_BYTES
+                     + calibration_bytes(cfg, calib_samples, 0))
+        steps["quantize"] = int(max(layer_unit, head_unit))
         if accuracy_samples:
             steps["accuracy"] = BASE + int(ORT_SESSION_FACTOR * art) + acc_logits
         disk = art
@@ -99,9 +106,12 @@ def estimate(cfg: ModelConfig, precision: str, backend: str, streamed: bool, cal
             steps["validate"] = BASE + 2 * 4 * p
         disk = art
     if backend != "onnxruntime":
-        # the engine builder holds the whole network's weights (in the engine's precision) next to the graph's
-        steps["engine"] = BASE + art + int(art * (2.0 if not quantized else 1.5))
-        disk += art
+        # The engine builder holds the whole network's weights, several times, while it compiles. Measured with
+        # TensorRT-RTX 1.7 (weights handed over as mapped memory, the plan streamed to disk; docs/memory.md): peak
+        # RSS 3.9x the fp16 weights, 3.4x the int8 graph's; the plan holds the weights once per optimization
+        # profile (decode + prefill): 1.65x / 1.5x on disk.
+        steps["engine"] = BASE + int(art * (3.9 if not quantized else 3.4))
+        disk += int(art * (1.65 if not quantized else 1.5))
     peak_step = max(steps, key=steps.__getitem__)
     return Estimate(steps[peak_step], peak_step, disk, art, steps, streamed)
 

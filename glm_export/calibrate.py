@@ -4,17 +4,20 @@ Statistics come from the PyTorch model (the numerical reference), not from the O
 every :class:`~glm_export.model.Linear` see exactly the tensor each quantized ``MatMul`` of the graph gets
 (the graph's MatMul initializers *are* these modules' weights, ``docs/graph.md``). Per module we keep the
 per-input-channel abs-max (SmoothQuant, static activation scales), the per-channel mean |x| (AWQ) and a
-fixed-size random sample of input rows (AWQ's scale search and the SmoothQuant error check); per layer the
-abs-max of K (after RoPE) and V as written into the cache.
+fixed-size random sample of input rows (AWQ's scale search and the SmoothQuant error check), and, when asked
+(GPTQ), the input's second-moment matrix ``H = X^T X`` over every calibration row; per layer the abs-max of K
+(after RoPE) and V as written into the cache. ``H`` is ``in^2`` floats per module (750 MB for GLM-4-9B's
+13696-wide down projection): :func:`collect` keeps every module's (fine up to a few layers of 9B shapes),
+:func:`collect_streamed` hands each layer's to a callback and drops it before the next layer runs.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -140,6 +143,14 @@ class ModuleStats:
     abssum: torch.Tensor
     count: int = 0
     rows: list[torch.Tensor] = field(default_factory=list)
+    xtx: torch.Tensor | None = None  # sum over rows of x x^T [in, in] (GPTQ's H), when collected
+
+    def hessian(self) -> torch.Tensor:
+        """E[x x^T] over the calibration rows (GPTQ's H up to a factor, which it does not depend on)."""
+        if self.xtx is None:
+            raise CalibrationError("the calibration statistics have no input second moments (H): recalibrate "
+                                   "with hessian=True (GPTQ needs them)")
+        return self.xtx / max(self.count, 1)
 
     @property
     def absmean(self) -> torch.Tensor:
@@ -196,10 +207,12 @@ def module_order(num_layers: int) -> list[str]:
 
 
 class Recorder:
-    """Accumulates :class:`ModuleStats` from hooked ``Linear`` inputs; ``seq`` says which sequence is running."""
+    """Accumulates :class:`ModuleStats` from hooked ``Linear`` inputs; ``seq`` says which sequence is running.
+    ``hessian``: the modules whose ``X^T X`` is accumulated too (GPTQ)."""
 
-    def __init__(self, picks: dict[str, list[torch.Tensor]]) -> None:
+    def __init__(self, picks: dict[str, list[torch.Tensor]], hessian: Collection[str] = ()) -> None:
         self.picks = picks
+        self.hessian = set(hessian)
         self.stats: dict[str, ModuleStats] = {}
         self.seq = 0
         self.kv: dict[str, float] = {}
@@ -214,6 +227,10 @@ class Recorder:
         torch.maximum(s.absmax, a.amax(0), out=s.absmax)
         s.abssum += a.sum(0, dtype=torch.float64)
         s.count += x.shape[0]
+        if name in self.hessian:
+            if s.xtx is None:
+                s.xtx = torch.zeros(x.shape[1], x.shape[1])
+            s.xtx.addmm_(x.T, x)
         s.rows.append(x[self.picks[name][self.seq]].clone())
         if sum(r.shape[0] for r in s.rows) > 2 * ROWS_KEPT:
             s.rows = [torch.cat(s.rows)[-ROWS_KEPT:]]
@@ -230,6 +247,19 @@ class Recorder:
             ch = t.abs().amax(dim=(0, 2)).reshape(-1).float()
             self.kv_ch[name] = torch.maximum(self.kv_ch[name], ch) if name in self.kv_ch else ch
 
+    def layer_state(self, layer: int) -> dict[str, Any]:
+        """What decoder layer ``layer`` contributed (final once the layer has seen every sequence)."""
+        prefix = f"layers.{layer}."
+        kv = (f"past_key_{layer}", f"past_value_{layer}")
+        return {"stats": {n: s for n, s in self.stats.items() if n.startswith(prefix)},
+                "kv": {n: self.kv[n] for n in kv if n in self.kv},
+                "kv_ch": {n: self.kv_ch[n] for n in kv if n in self.kv_ch}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.stats.update(state["stats"])
+        self.kv.update(state["kv"])
+        self.kv_ch.update(state["kv_ch"])
+
     def finish(self, tokens: int, note: str) -> Stats:
         for s in self.stats.values():
             s.rows = [s.sample_rows()]
@@ -238,12 +268,15 @@ class Recorder:
         return Stats(self.stats, kv, tokens, note, self.kv_ch)
 
 
-def collect(model: torch.nn.Module, sequences: Sequence[Sequence[int]], note: str = "", seed: int = 0) -> Stats:
-    """Run every sequence through the model once (prefill, batch 1) with hooks on every ``Linear`` input."""
+def collect(model: torch.nn.Module, sequences: Sequence[Sequence[int]], note: str = "", seed: int = 0,
+            hessian: Collection[str] = ()) -> Stats:
+    """Run every sequence through the model once (prefill, batch 1) with hooks on every ``Linear`` input;
+    ``hessian`` names the modules (weight names) whose ``X^T X`` to keep as well."""
     from glm_export.model import Linear
 
     cfg = model.cfg  # type: ignore[attr-defined]
-    rec = Recorder(row_picks([len(s) for s in sequences], module_order(cfg.num_layers), cfg.vocab_size, seed))
+    rec = Recorder(row_picks([len(s) for s in sequences], module_order(cfg.num_layers), cfg.vocab_size, seed),
+                   hessian)
     handles = [m.register_forward_pre_hook(rec.hook(f"{n}.weight")) for n, m in model.named_modules()
                if isinstance(m, Linear)]
     tokens = 0
@@ -270,17 +303,53 @@ def collect(model: torch.nn.Module, sequences: Sequence[Sequence[int]], note: st
     return rec.finish(tokens, note)
 
 
-def collect_streamed(ckpt: Any, sequences: Sequence[Sequence[int]], note: str = "", seed: int = 0) -> Stats:
+class LayerStore(Protocol):
+    """Where a streamed calibration keeps each finished layer (:mod:`glm_export.quantize.stream`), to resume."""
+
+    def load(self) -> tuple[int, list[torch.Tensor] | None, list[dict[str, Any]]]:
+        """(first layer to run, the hidden states entering it or None, the finished layers' recorder states)."""
+        ...
+
+    def save(self, layer: int, hidden: list[torch.Tensor], state: dict[str, Any]) -> None: ...
+
+
+def collect_streamed(ckpt: Any, sequences: Sequence[Sequence[int]], note: str = "", seed: int = 0,
+                     hessian: Collection[str] = (),
+                     layer_done: Callable[[int, dict[str, ModuleStats]], None] | None = None,
+                     store: LayerStore | None = None) -> Stats:
     """:func:`collect`, one decoder layer in memory at a time (:mod:`glm_export.layerwise`): the same numbers.
 
     The output layer is never loaded: calibration needs only its input (the final norm of the last positions).
+    ``layer_done(i, modules)`` gets decoder layer ``i``'s finished statistics as soon as the layer has run
+    (``"head"`` for the output layer: ``i = num_layers``); afterwards their ``X^T X`` is dropped, so at most one
+    layer's second-moment matrices exist at a time (GPTQ on GLM-4-9B: ~1 GB instead of 40 GB).
+    ``store``: each finished layer's statistics and the hidden states after it are saved there (after
+    ``layer_done``), and a run starts after the last layer it holds (the same numbers: the row picks are drawn
+    up front).
     """
     from glm_export import layerwise
     from glm_export.model import Linear
 
     cfg = ckpt.config
-    rec = Recorder(row_picks([len(s) for s in sequences], module_order(cfg.num_layers), cfg.vocab_size, seed))
-    hidden = [layerwise.embed(ckpt, seq) for seq in sequences]
+    rec = Recorder(row_picks([len(s) for s in sequences], module_order(cfg.num_layers), cfg.vocab_size, seed),
+                   hessian)
+
+    def done(i: int, prefix: str) -> None:
+        mods = {k: v for k, v in rec.stats.items() if k.startswith(prefix)}
+        for m in mods.values():
+            m.rows = [m.sample_rows()]
+        if layer_done is not None:
+            layer_done(i, mods)
+        for m in mods.values():
+            m.xtx = None
+
+    start, hidden = 0, None
+    if store is not None:
+        start, hidden, states = store.load()
+        for state in states:
+            rec.restore(state)
+    if hidden is None:
+        start, hidden = 0, [layerwise.embed(ckpt, seq) for seq in sequences]
 
     def before(i: int, layer: torch.nn.Module) -> Any:
         handles = []
@@ -300,14 +369,20 @@ def collect_streamed(ckpt: Any, sequences: Sequence[Sequence[int]], note: str = 
     def before_seq(s: int) -> None:
         rec.seq = s
 
+    def after_layer(i: int, hidden: list[torch.Tensor]) -> None:
+        done(i, f"layers.{i}.")  # quantized (and journaled) before the layer counts as calibrated
+        if store is not None:
+            store.save(i, hidden, rec.layer_state(i))
+
     with count_progress() as progress:
-        task = progress.add_task("calibrating (layer by layer)", total=cfg.num_layers)
+        task = progress.add_task("calibrating (layer by layer)", total=cfg.num_layers, completed=start)
         hidden = layerwise.run_layers(ckpt, hidden, before, lambda i, s, k, v: rec.cache(i, k, v), before_seq,
-                                      progress=lambda: progress.advance(task))
+                                      progress=lambda: progress.advance(task), start=start, after_layer=after_layer)
     for s, x in enumerate(hidden):
         rec.seq = s
         k = logit_rows(x.shape[1], cfg.vocab_size)
         rec.record("lm_head.weight", layerwise.final_norm(ckpt, x[:, -k:]))
+    done(cfg.num_layers, "lm_head.")
     tokens = sum(len(s) for s in sequences)
     console.print(f"calibrated on {len(sequences)} sequences, {tokens} tokens, layer by layer")
     return rec.finish(tokens, note)

@@ -176,6 +176,59 @@ def _pinned_graph(onnx_path: Path, max_context: int) -> bytes:
     return model.SerializeToString()
 
 
+def _parse(parser: Any, graph: bytes, onnx_path: Path) -> list[Any] | None:
+    """Parse ``graph`` with its external weights handed to the parser as pointers into memory maps of the data
+    files (``load_initializer``), so the parser copies nothing and the pages are read as the builder needs them;
+    returns the maps (to keep alive until the engine is built), None when parsing failed. Parsers without that
+    API read the files themselves. Measured (TensorRT-RTX 1.7, docs/memory.md): with the plan streamed to a file
+    too, a build's peak RSS drops from 6.0x to 3.9x the fp16 weights."""
+    import numpy as np
+
+    if not hasattr(parser, "load_model_proto"):
+        return [] if parser.parse(graph, str(onnx_path)) else None
+    if not parser.load_model_proto(graph, str(onnx_path)):
+        return None
+    maps: dict[str, Any] = {}
+    for init in onnx.ModelProto.FromString(graph).graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        location = info["location"]
+        if location not in maps:
+            maps[location] = np.memmap(onnx_path.parent / location, dtype=np.uint8, mode="r")
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        if not parser.load_initializer(init.name, maps[location].ctypes.data + offset, length):
+            return None
+    return list(maps.values()) if parser.parse_model_proto() else None
+
+
+def _build_to_file(trt: ModuleType, builder: Any, network: Any, config: Any, path: Path) -> bool:
+    """Serialize the engine straight into ``path`` (``build_serialized_network_to_stream``): no host-memory copy of
+    the whole plan beside the builder's own (the plan is at least as large as the weights)."""
+    if not hasattr(builder, "build_serialized_network_to_stream"):
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            return False
+        path.write_bytes(serialized)
+        return True
+
+    class Writer(trt.IStreamWriter):  # type: ignore[misc,name-defined]
+        def __init__(self, f: Any) -> None:
+            trt.IStreamWriter.__init__(self)
+            self.f = f
+
+        def write(self, data: Any) -> int:
+            chunk = bytes(data)
+            self.f.write(chunk)
+            return len(chunk)
+
+    with open(path, "wb") as f:
+        ok = bool(builder.build_serialized_network_to_stream(network, config, Writer(f)))
+        f.flush()
+        os.fsync(f.fileno())
+    return ok and path.stat().st_size > 0
+
+
 def build_engine(artifact: Path, spec: EngineSpec, precision: str, model_max: int) -> dict[str, Any]:
     """Build ``artifact/engine/<backend>/model.engine`` (atomically); return its manifest entry."""
     spec.check(precision, model_max)
@@ -191,7 +244,8 @@ def build_engine(artifact: Path, spec: EngineSpec, precision: str, model_max: in
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     onnx_path = Path(artifact) / "model.onnx"
-    if not parser.parse(_pinned_graph(onnx_path, spec.max_context), str(onnx_path)):
+    mapped = _parse(parser, _pinned_graph(onnx_path, spec.max_context), onnx_path)  # kept mapped until built
+    if mapped is None:
         errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"{spec.backend} could not parse {onnx_path}:\n  {errors}")
     config = builder.create_builder_config()
@@ -219,13 +273,13 @@ def build_engine(artifact: Path, spec: EngineSpec, precision: str, model_max: in
         config.progress_monitor = monitor.monitor
         console.print(f"building {spec.backend} engine ({precision}, batch <= {spec.max_batch}, "
                       f"context {spec.max_context}, targets {', '.join(targets)})")
-        serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
+        staging = out_dir.with_name(f".{out_dir.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        built = _build_to_file(trt, builder, network, config, staging / ENGINE_FILE)
+    del mapped
+    if not built:
         raise EngineError(f"{spec.backend} failed to build the engine (see the TensorRT messages above)")
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    (staging / ENGINE_FILE).write_bytes(serialized)
     if use_cache:
         atomic.write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     if out_dir.exists():

@@ -64,17 +64,20 @@ def run_layers(ckpt: Checkpoint, hidden: list[torch.Tensor],
                before: Callable[[int, Layer], Callable[[], None] | None] | None = None,
                after_seq: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
                before_seq: Callable[[int], None] | None = None,
-               dtype: torch.dtype = torch.float32, progress: Callable[[], None] | None = None) -> list[torch.Tensor]:
+               dtype: torch.dtype = torch.float32, progress: Callable[[], None] | None = None,
+               start: int = 0, after_layer: Callable[[int, list[torch.Tensor]], None] | None = None
+               ) -> list[torch.Tensor]:
     """Push every sequence's hidden states (``[1, n, hidden]`` each, a prefill from position 0) through all
     decoder layers, one layer in memory at a time; returns the final hidden states (before the final norm).
 
     ``before(i, layer)`` may install hooks and return a function that removes them; ``before_seq(s)`` runs
     before sequence ``s`` enters a layer; ``after_seq(i, s, k, v)`` sees the K (after RoPE) and V each
-    sequence wrote into the layer's cache.
+    sequence wrote into the layer's cache. ``start``: ``hidden`` is the output of layer ``start - 1`` (a resumed
+    run); ``after_layer(i, hidden)`` runs once layer ``i`` has processed every sequence (to store the progress).
     """
     cfg = ckpt.config
     inputs = {}
-    for i in range(cfg.num_layers):
+    for i in range(start, cfg.num_layers):
         layer = load_layer(ckpt, i, dtype)
         undo = before(i, layer) if before else None
         try:
@@ -95,6 +98,8 @@ def run_layers(ckpt: Checkpoint, hidden: list[torch.Tensor],
                 undo()
         del layer
         ckpt.release()  # unmap the shard: the layer's pages would otherwise stay resident
+        if after_layer:
+            after_layer(i, hidden)
         if progress:
             progress()
     return hidden

@@ -21,6 +21,12 @@ and writes the quantized graph beside the side files, so when only the quantizat
 is still there to quantize again. (Not hard links: onnx_ir refuses external data with more than one link.)
 The exported weights stay on disk until the build finishes; the quantizer holds both at its peak anyway.
 
+A step that runs long over many units (the streamed build's calibration and quantization, one decoder layer
+at a time) also keeps a *partial* journal (:class:`Partial`, ``.partial/``): every finished unit's files (or the
+byte range it appended to a shared file) with their sha256 and its result, under the step's key. A killed build
+resumes that step at the first unit whose record is missing or whose bytes no longer match; the partial journal
+is removed once the step finishes (the step's own inventory takes over).
+
 Checkpoint files are fingerprinted by size and mtime, not content: hashing 19 GB would cost as much as the
 export it is meant to skip. A checkpoint edited in place without changing either would not be noticed;
 ``--no-resume`` starts from scratch.
@@ -40,6 +46,7 @@ from glm_export import atomic
 
 JOURNAL = ".journal.json"
 STAGES = ".stages"
+PARTIAL = ".partial"
 
 
 def fingerprint_dir(path: Path) -> list[tuple[str, int, int]]:
@@ -52,12 +59,19 @@ def fingerprint_dir(path: Path) -> list[tuple[str, int, int]]:
     return out
 
 
-def fingerprint_file(path: str | Path) -> str:
-    """Content hash of a small input file (a calibration set); its path alone would miss an edit."""
+def fingerprint_file(path: str | Path, start: int = 0, end: int | None = None) -> str:
+    """Content hash of a file (a calibration set, a staged file), or of its bytes ``[start, end)``."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        f.seek(start)
+        left = None if end is None else end - start
+        while left is None or left > 0:
+            block = f.read(1 << 20 if left is None else min(1 << 20, left))
+            if not block:
+                break
             h.update(block)
+            if left is not None:
+                left -= len(block)
     return h.hexdigest()
 
 
@@ -101,20 +115,28 @@ class BuildJournal:
 
     def plan(self, keys: list[tuple[str, str]]) -> list[str]:
         """Keep the longest run of leading steps whose keys still match and whose files are intact; clear
-        everything else from the staging directory. Returns the names of the steps that will be reused."""
+        everything else from the staging directory, except the partial journal of the first step to run (when
+        its key still matches) and the files it lists. Returns the names of the steps that will be reused."""
         n = 0
         while n < min(len(keys), len(self.steps)) and (self.steps[n].get("name"), self.steps[n].get("key")) == keys[n]:
             n += 1
         while n and not self._matches(self.steps[n - 1]["inventory"]):
             n -= 1  # e.g. quantization was interrupted half-way: the export's stage may still be whole
         self.steps = self.steps[:n]
+        keep: set[str] = set()
+        if n < len(keys) and Partial.stored_key(self.root) == keys[n][1]:
+            keep = Partial(self.root, keys[n][1]).owned()
         if n:
-            self._prune(self.steps[-1]["inventory"])
+            self._prune(self.steps[-1]["inventory"], keep)
         else:
-            self._clear()
+            self._clear(keep)
         self._save()
         self.reused = [s["name"] for s in self.steps]
         return self.reused
+
+    def partial(self, key: str) -> Partial:
+        """The unit journal of the step with ``key`` (what :meth:`plan` kept of it, or a fresh one)."""
+        return Partial(self.root, key)
 
     def run(self, name: str, key: str, fn: Callable[[], Any]) -> Any:
         """The step's stored result if :meth:`plan` kept it, else ``fn()``, recorded once it returned."""
@@ -124,6 +146,7 @@ class BuildJournal:
                     raise RuntimeError(f"journal step {name} planned with another key")  # programming error
                 return copy.deepcopy(s["result"])
         result = fn()
+        shutil.rmtree(self.root / PARTIAL, ignore_errors=True)  # the step's inventory covers its files now
         known = self.steps[-1]["inventory"] if self.steps else None
         self.steps.append({"name": name, "key": key, "inventory": inventory(self.root, known),
                            "result": copy.deepcopy(result)})
@@ -148,16 +171,105 @@ class BuildJournal:
                 return False  # (an int entry: a journal from before content hashes; redo the step)
         return all(fingerprint_file(self.root / rel) == entry.get("sha256") for rel, entry in inv.items())
 
-    def _prune(self, inv: dict[str, Any]) -> None:
+    def _prune(self, inv: dict[str, Any], keep: set[str] = frozenset()) -> None:  # type: ignore[assignment]
         for rel in inventory(self.root):
-            if rel not in inv:
+            if rel not in inv and rel not in keep:
                 (self.root / rel).unlink()
 
-    def _clear(self) -> None:
-        for f in self.root.iterdir():
-            if f.name == JOURNAL:
+    def _clear(self, keep: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        for f in sorted(self.root.rglob("*"), reverse=True):  # children before their directories
+            rel = f.relative_to(self.root).as_posix()
+            if f.name == JOURNAL or rel in keep or any(k.startswith(rel + "/") for k in keep):
                 continue
             if f.is_dir() and not f.is_symlink():
-                shutil.rmtree(f)
+                shutil.rmtree(f, ignore_errors=True)
             else:
-                f.unlink()
+                f.unlink(missing_ok=True)
+
+
+class Partial:
+    """The finished units (decoder layers) of one long step, so a killed build resumes at the first unfinished one.
+
+    Each unit is recorded, in order, with the files it wrote (staging-relative path, optionally the byte range
+    ``[start, end)`` it appended to a shared file, and its sha256) and a JSON-able result. :meth:`valid` trusts a
+    unit only while every one of its byte ranges still hashes to its record, so a half-written or altered layer is
+    redone, never reused; :meth:`truncate` forgets a unit and every later one. State is written atomically after
+    each unit (``.partial/state.json``), keyed by the step's key: another key (changed inputs) starts over.
+    """
+
+    def __init__(self, root: Path, key: str) -> None:
+        self.root, self.key = Path(root), key
+        self.dir = self.root / PARTIAL
+        self.path = self.dir / "state.json"
+        self.units: dict[str, dict[str, Any]] = {}
+        if self.stored_key(self.root) == key:
+            try:
+                self.units = json.loads(self.path.read_text())["units"]
+            except (OSError, ValueError, KeyError, TypeError):
+                self.units = {}
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self._checked: set[str] = set()
+
+    @staticmethod
+    def stored_key(root: Path) -> str | None:
+        try:
+            key = json.loads((Path(root) / PARTIAL / "state.json").read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return key if isinstance(key, str) else None
+
+    def owned(self) -> set[str]:
+        """Staging-relative paths of every file this journal vouches for (kept by :meth:`BuildJournal.plan`)."""
+        out = {f"{PARTIAL}/state.json"}
+        for u in self.units.values():
+            out |= {f["path"] for f in u.get("files", [])}
+        return out
+
+    def valid(self, unit: str) -> bool:
+        """Whether ``unit`` finished and its bytes are still what was recorded (hashed once per run)."""
+        u = self.units.get(unit)
+        if u is None:
+            return False
+        if unit in self._checked:
+            return True
+        for f in u.get("files", []):
+            p = self.root / f["path"]
+            end = f.get("end")
+            if not p.is_file() or (end is not None and p.stat().st_size < end):
+                return False
+            if end is None and p.stat().st_size != f.get("bytes"):
+                return False
+            if fingerprint_file(p, f.get("start", 0), end) != f["sha256"]:
+                return False
+        self._checked.add(unit)
+        return True
+
+    def result(self, unit: str) -> Any:
+        return copy.deepcopy(self.units[unit].get("result"))
+
+    def record(self, unit: str, files: list[dict[str, Any]], result: Any = None) -> None:
+        """``files``: {"path"} (a whole file, hashed here) or {"path", "start", "end", "sha256"} (a byte range
+        the caller hashed while writing it)."""
+        entries = []
+        for f in files:
+            f = dict(f)
+            if "sha256" not in f:
+                p = self.root / f["path"]
+                f["bytes"] = p.stat().st_size
+                f["sha256"] = fingerprint_file(p)
+            entries.append(f)
+        self.units[unit] = {"files": entries, "result": copy.deepcopy(result)}
+        self._checked.add(unit)
+        self._save()
+
+    def truncate(self, units: list[str]) -> None:
+        """Forget ``units`` (the first unit to redo and every later one)."""
+        for u in units:
+            self.units.pop(u, None)
+            self._checked.discard(u)
+        self._save()
+
+    def _save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(self.path, json.dumps({"key": self.key, "units": self.units}, default=str) + "\n")

@@ -16,8 +16,25 @@ class WeightError(ValueError):
     """A checkpoint tensor holds values that cannot be exported; the message names the tensor and position."""
 
 
+CHECK_CHUNK = 1 << 24  # elements per step of the scan of a large tensor
+
+
 def check_tensor(name: str, t: torch.Tensor, max_abs: float | None = None, where: str = "") -> None:
-    """Raise :class:`WeightError` if ``t`` has a non-finite value, or one whose magnitude exceeds ``max_abs``."""
+    """Raise :class:`WeightError` if ``t`` has a non-finite value, or one whose magnitude exceeds ``max_abs``.
+
+    Large tensors are scanned in chunks first: on a bf16 tensor ``isfinite`` of the whole costs several times its
+    size in temporaries (GLM-4-9B's 1.24 GB output layer: RSS +3.4 GB, the streamed quantize step's peak; measured);
+    only a tensor with a bad value takes the whole-tensor path below, which says where."""
+    flat = t.reshape(-1)
+    if flat.numel() > CHECK_CHUNK:
+        clean = True
+        for i in range(0, flat.numel(), CHECK_CHUNK):
+            c = flat[i:i + CHECK_CHUNK]
+            if not bool(torch.isfinite(c).all()) or (max_abs is not None and bool((c.abs() > max_abs).any())):
+                clean = False
+                break
+        if clean:
+            return
     finite = torch.isfinite(t)
     if not bool(finite.all()):
         bad = ~finite

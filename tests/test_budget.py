@@ -9,7 +9,7 @@ import pytest
 
 from glm_export import budget
 from glm_export.build import BuildError, build_artifact
-from glm_export.quantize import QuantOptions
+from glm_export.quantize.rewrite import QuantOptions
 from glm_export.random_model import PRESETS
 
 GB9 = PRESETS["glm-4-9b"]
@@ -31,9 +31,11 @@ def test_the_9b_int8_build_streams_within_half_of_this_machine() -> None:
     assert whole.disk > 37e9 + streamed.artifact  # the float32 export on disk too
     assert streamed.peak < 13e9 and streamed.peak_step == "accuracy"
     assert streamed.steps["calibrate"] < 4.5e9 and streamed.disk == streamed.artifact
-    # The output layer is the streamed quantize step's largest unit: 7.8 GB RSS measured there on GLM-4-9B int8
-    # (docs/memory.md), so the estimate must not be below it.
-    assert 7.8e9 <= streamed.steps["quantize"] < streamed.peak
+    # The output layer is the streamed quantize step's largest unit. Quantized whole it peaked at 7.8 GB RSS on
+    # GLM-4-9B int8; in column chunks it measured 2.41 GB alone (docs/memory.md), to which the build adds the
+    # calibration's kept rows: the estimate must cover that, and it is now below the old measurement.
+    rows = budget.calibration_bytes(GB9, 16, 0)
+    assert 2.41e9 + rows <= streamed.steps["quantize"] < 7.8e9
 
 
 def test_refusal_names_the_numbers_and_what_to_do() -> None:

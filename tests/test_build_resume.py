@@ -12,7 +12,7 @@ import pytest
 
 from glm_export import build as build_mod
 from glm_export.atomic import BuildInProgressError
-from glm_export.quantize import QuantOptions
+from glm_export.quantize.rewrite import QuantOptions
 from glm_runtime import hostinfo
 from glm_runtime.manifest import read_manifest
 

@@ -125,7 +125,7 @@ def test_manifest_engine_metadata_is_json(fp16_engine_artifact: Path) -> None:
 @pytest.mark.parametrize("precision", ["int8", "fp8", "int4"])
 def test_quantized_engines(tmp_path: Path, tiny_checkpoint: Path, precision: str) -> None:
     """The quantized graphs (fp16 base, Q/DQ / blocked DequantizeLinear) build into real engines."""
-    from glm_export.quantize import QuantOptions
+    from glm_export.quantize.rewrite import QuantOptions
 
     spec = EngineSpec("tensorrt-rtx", max_context=128, max_prefill=32, targets=("8.9",))
     quant = QuantOptions(calib_samples=8, calib_seq_len=64, accuracy_samples=0)
@@ -136,3 +136,29 @@ def test_quantized_engines(tmp_path: Path, tiny_checkpoint: Path, precision: str
     ops = set(manifest["graph"]["ops"])
     assert {"QuantizeLinear", "DequantizeLinear"} & ops if precision != "int4" else "DequantizeLinear" in ops
     assert read_manifest(tmp_path / precision)["precision"] == precision
+
+
+def test_external_weights_are_handed_to_the_parser_as_mapped_memory(tmp_path: Path,
+                                                                     fp16_engine_artifact: Path) -> None:
+    """A graph with external data (as every large model's is) is parsed with ``load_initializer`` pointers into
+    memory maps of the data file instead of the parser reading (copying) it: an engine of the same size as the one
+    built from the inline weights (two builds are not byte-identical: the plan has a build id), well-formed."""
+    import onnx
+
+    from glm_export.engine import _parse, _pinned_graph, import_trt, trt_logger
+
+    art = tmp_path / "external"
+    shutil.copytree(fp16_engine_artifact, art)
+    model = onnx.load(str(art / "model.onnx"))
+    onnx.save(model, str(art / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=1024)
+    rtx = import_trt("tensorrt-rtx")
+    builder = rtx.Builder(trt_logger(rtx))  # owns the network: keep it alive while the parser fills it
+    network = builder.create_network(1 << int(rtx.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = rtx.OnnxParser(network, trt_logger(rtx))
+    maps = _parse(parser, _pinned_graph(art / "model.onnx", 256), art / "model.onnx")
+    assert maps is not None and len(maps) == 1 and maps[0].nbytes == (art / "model.onnx.data").stat().st_size
+    spec = EngineSpec("tensorrt-rtx", max_batch=2, max_context=256, max_prefill=64)
+    entry = engine_mod.build_engine(art, spec, "fp16", 8192)
+    assert entry["bytes"] == (fp16_engine_artifact / entry["file"]).stat().st_size
+    assert check_engine(art, entry)["well_formed"]

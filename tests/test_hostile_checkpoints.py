@@ -101,3 +101,20 @@ def test_a_pickle_checkpoint_is_refused_unread(tmp_path: Path, tiny_checkpoint: 
     r = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "out")])
     assert r.exit_code == 1 and "safetensors" in r.output and "Traceback" not in r.output, r.output
     assert not marker.exists()
+
+
+def test_a_large_tensor_is_checked_in_chunks_and_still_caught() -> None:
+    """Tensors above CHECK_CHUNK elements are scanned chunk by chunk (the whole-tensor isfinite of GLM-4-9B's bf16
+    output layer cost 3.4 GB): a bad value in the last chunk is still found, with its position."""
+    import torch
+
+    from glm_export.weight_check import CHECK_CHUNK, WeightError, check_tensor
+
+    t = torch.zeros(CHECK_CHUNK + 10, dtype=torch.bfloat16).reshape(-1, 2)
+    check_tensor("w", t, max_abs=1.0)
+    t[-1, 1] = float("nan")
+    with pytest.raises(WeightError, match=r"non-finite value \(first: nan at index \[8388612, 1\]"):
+        check_tensor("w", t)
+    t[-1, 1] = 3.0
+    with pytest.raises(WeightError, match="beyond --max-weight-abs 1"):
+        check_tensor("w", t, max_abs=1.0)

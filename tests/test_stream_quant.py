@@ -24,8 +24,8 @@ import torch
 
 from glm_export import accuracy, calibrate, export
 from glm_export.checkpoint import Checkpoint, load_model
-from glm_export.quantize import QuantOptions, Weights, quantize_into
-from glm_export.stream_quant import INLINE_BYTES, quantize_streamed
+from glm_export.quantize.rewrite import QuantOptions, Weights, quantize_into
+from glm_export.quantize.stream import INLINE_BYTES, quantize_streamed
 
 FAST = {"calib_samples": 8, "calib_seq_len": 32, "accuracy_samples": 0}
 
@@ -115,13 +115,24 @@ def test_streamed_calibration_equals_the_whole_model_run(tiny_checkpoint: Path) 
     gen = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, ckpt.config.vocab_size, (n,), generator=gen).tolist() for n in (20, 9, 33, 12, 17, 8,
                                                                                                40, 25)]
-    whole = calibrate.collect(load_model(ckpt), seqs, "n")
-    streamed = calibrate.collect_streamed(Checkpoint(tiny_checkpoint), seqs, "n")
+    hess = ["layers.1.down.weight", "lm_head.weight"]
+    whole = calibrate.collect(load_model(ckpt), seqs, "n", hessian=hess)
+    seen: dict[str, torch.Tensor] = {}
+
+    def layer_done(i: int, modules: dict[str, calibrate.ModuleStats]) -> None:
+        seen.update({k: m.hessian() for k, m in modules.items() if m.xtx is not None})
+
+    streamed = calibrate.collect_streamed(Checkpoint(tiny_checkpoint), seqs, "n", hessian=hess, layer_done=layer_done)
     assert whole.modules.keys() == streamed.modules.keys()
     for name, a in whole.modules.items():
         b = streamed.modules[name]
         assert torch.equal(a.absmax, b.absmax) and torch.equal(a.abssum, b.abssum) and a.count == b.count, name
         assert torch.equal(a.sample_rows(), b.sample_rows()), name
+        assert b.xtx is None, f"{name}: the streamed run must drop X^T X after its layer"
+        assert (a.xtx is not None) == (name in hess), name
+    assert seen.keys() == set(hess)
+    for name in hess:  # the same sums in the same order
+        assert torch.equal(whole.modules[name].hessian(), seen[name]), name
     assert whole.kv_absmax == streamed.kv_absmax
     assert all(torch.equal(v, streamed.kv_channel_absmax[k]) for k, v in whole.kv_channel_absmax.items())
 
@@ -131,18 +142,21 @@ def initializers(path: Path) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "int4/awq"])
 def test_streamed_artifact_equals_the_whole_model_path(precision: str, tiny_checkpoint: Path, tiny_artifact: Path,
                                                        tmp_path: Path) -> None:
     """Same tensors, same graph. Against the artifact built before streaming existed, the one difference is the
     embedding, now stored in the checkpoint's bf16 instead of float32: its values are checked against the float32
-    export's here, so the graphs compute the same logits."""
+    export's here, so the graphs compute the same logits. int4's default (AWQ then GPTQ): the streamed run quantizes
+    each layer while only that layer's X^T X exists, and must still write the same tensors."""
+    precision, _, method = precision.partition("/")
+    opts = QuantOptions(**FAST, **({"weight_method": method} if method else {}))
     whole = tmp_path / "whole"
     shutil.copytree(tiny_artifact, whole)
-    quantize_into(tiny_checkpoint, whole, precision, QuantOptions(**FAST))
+    quantize_into(tiny_checkpoint, whole, precision, opts)
     streamed = tmp_path / "streamed"
     streamed.mkdir()
-    quantize_streamed(tiny_checkpoint, streamed, precision, QuantOptions(**FAST))
+    quantize_streamed(tiny_checkpoint, streamed, precision, opts)
     a, b = initializers(whole), initializers(streamed)
     assert a.keys() == b.keys()
     for name, t in a.items():
