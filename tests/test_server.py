@@ -373,8 +373,8 @@ def test_serve_command_stops_gracefully_on_sigterm(tiny_artifact: Path, tmp_path
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'runtime'}{os.pathsep}{REPO}"}
     cmd = [sys.executable, "-c", "from glm_runtime.cli import app; app()", "serve", str(tiny_artifact),
-           "--port", str(port), "--api-key-file", str(key_file), "--verify", "none", "--shutdown-timeout", "1.5",
-           "--max-concurrency", "2", "--model-name", MODEL, "--threads", "2"]
+           "--port", str(port), "--api-key-file", str(key_file), "--verify", "none", "--shutdown-timeout", "2",
+           "--max-concurrency", "2", "--model-name", MODEL, "--threads", "2", "--max-tokens-limit", "8000"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -386,20 +386,26 @@ def test_serve_command_stops_gracefully_on_sigterm(tiny_artifact: Path, tmp_path
             except httpx.TransportError:
                 time.sleep(0.2)
         results: dict[str, list[str]] = {}
+        started = {"short": threading.Event(), "endless": threading.Event()}
 
         def stream(name: str, max_tokens: int) -> None:
             with httpx.stream("POST", base + "/v1/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
                               json={"model": MODEL, "prompt": [5, 6, 7], "max_tokens": max_tokens, "stream": True,
                                     "ignore_eos": True}) as r:
-                results[name] = [ln for ln in r.iter_lines() if ln]
+                lines = results.setdefault(name, [])
+                for ln in r.iter_lines():
+                    if ln:
+                        lines.append(ln)
+                        started[name].set()
 
-        threads = [threading.Thread(target=stream, args=("short", 30)),
-                   threading.Thread(target=stream, args=("endless", 4000))]
+        # SIGTERM once both requests are streaming (events, not a sleep: the decode speed of the host does not
+        # matter). With 2 s of grace the 30-token request needs >= 15 tok/s to finish (the tiny model decodes
+        # hundreds even on a loaded host); the 8000-token one would need 4000 tok/s (~4x a quiet 2-core host).
+        threads = [threading.Thread(target=stream, args=("endless", 8000)),
+                   threading.Thread(target=stream, args=("short", 30))]
         for t in threads:
             t.start()
-        # SIGTERM 0.5 s in, 1.5 s of grace: 4000 tokens in 2 s would need 2000 tok/s (the tiny model decodes ~960
-        # on a quiet 2-core host: with 1 s + 3 s it finished the "endless" stream there); 30 tokens fit on any host
-        time.sleep(0.5)
+        assert all(e.wait(30) for e in started.values()), results
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         with pytest.raises(httpx.TransportError):  # no longer accepting
