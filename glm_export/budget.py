@@ -65,8 +65,27 @@ def calibration_bytes(cfg: ModelConfig, samples: int, seq_len: int) -> int:
     return hidden + activations + rows
 
 
+# A weightless engine's build holds the graph's structure and the builder's own state, not the weights: measured
+# 0.71 GB peak RSS for GLM-4-9B fp16 (two profiles, TensorRT-RTX 1.7), a 40 MB plan (docs/memory.md).
+WEIGHTLESS_ENGINE = int(0.5 * GiB)
+WEIGHTLESS_PLAN = 128 << 20
+
+
+def engine_step(weight_bytes: int, quantized: bool, weights: str) -> tuple[int, int]:
+    """Peak RSS and plan size on disk of an engine build over ``weight_bytes`` of graph weights.
+
+    Embedded weights, measured with TensorRT-RTX 1.7 (weights handed over as mapped memory, the plan streamed to
+    disk; docs/memory.md): peak RSS 3.9x the fp16 weights, 3.4x the int8 graph's; the plan holds the weights once
+    per optimization profile (decode + prefill): 1.65x / 1.5x on disk. Weights as inputs: neither grows with them.
+    """
+    if weights == "inputs":
+        return BASE + WEIGHTLESS_ENGINE, WEIGHTLESS_PLAN
+    return BASE + int(weight_bytes * (3.4 if quantized else 3.9)), int(weight_bytes * (1.5 if quantized else 1.65))
+
+
 def estimate(cfg: ModelConfig, precision: str, backend: str, streamed: bool, calib_samples: int = 256,
-             calib_seq_len: int = 512, accuracy_samples: int = 8, weight_block: int = 32) -> Estimate:
+             calib_seq_len: int = 512, accuracy_samples: int = 8, weight_block: int = 32,
+             engine_weights: str = "embedded") -> Estimate:
     """Peak RSS and disk of ``glm-export build`` for this model, precision, backend and path."""
     quantized = precision in ("int8", "fp8", "int4")
     p = cfg.num_parameters()
@@ -106,12 +125,8 @@ def estimate(cfg: ModelConfig, precision: str, backend: str, streamed: bool, cal
             steps["validate"] = BASE + 2 * 4 * p
         disk = art
     if backend != "onnxruntime":
-        # The engine builder holds the whole network's weights, several times, while it compiles. Measured with
-        # TensorRT-RTX 1.7 (weights handed over as mapped memory, the plan streamed to disk; docs/memory.md): peak
-        # RSS 3.9x the fp16 weights, 3.4x the int8 graph's; the plan holds the weights once per optimization
-        # profile (decode + prefill): 1.65x / 1.5x on disk.
-        steps["engine"] = BASE + int(art * (3.9 if not quantized else 3.4))
-        disk += int(art * (1.65 if not quantized else 1.5))
+        steps["engine"], plan = engine_step(art, quantized, engine_weights)
+        disk += plan
     peak_step = max(steps, key=steps.__getitem__)
     return Estimate(steps[peak_step], peak_step, disk, art, steps, streamed)
 
@@ -120,16 +135,19 @@ def gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-def check(est: Estimate, available: int, free_disk: int, cfg: ModelConfig, precision: str, backend: str) -> None:
+def check(est: Estimate, available: int, free_disk: int, cfg: ModelConfig, precision: str, backend: str,
+          engine_weights: str = "embedded") -> None:
     """Raise :class:`BudgetError` naming the numbers and what to do when ``est`` does not fit."""
     problems = []
     if est.peak > available:
         steps = ", ".join(f"{k} {gib(v)}" for k, v in est.steps.items())
         todo = ["--calib-samples 16 --calib-seq-len 128 (calibration holds every sample's hidden states)"]
-        if not est.streamed and precision in ("int8", "fp8", "int4") and backend == "onnxruntime":
+        if not est.streamed and precision in ("int8", "fp8", "int4"):
             todo.insert(0, "--stream (layer by layer: never the float32 model in memory)")
         if precision != "int4":
             todo.append("--precision int4 (the smallest artifact)")
+        if backend != "onnxruntime" and engine_weights != "inputs":
+            todo.append("--engine-weights inputs (a weightless engine: the runtime binds the weights)")
         if backend != "onnxruntime":
             todo.append("--backend onnxruntime (no engine builder holding the whole network), then "
                         "`glm-export engine` on a host with more RAM")

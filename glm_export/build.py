@@ -76,8 +76,9 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
     ``resume``: reuse the steps an earlier, failed or interrupted build of the same output finished with the
     same inputs (:mod:`glm_export.resume`); ``False`` starts over. ``max_weight_abs``: also refuse weights of
     larger magnitude (non-finite ones always are: :mod:`glm_export.weight_check`).
-    ``stream``: quantize for ONNX Runtime layer by layer (:mod:`glm_export.quantize.stream`; the same artifact,
-    without the float32 model in memory or on disk); ``None`` streams when the whole-model path would not fit.
+    ``stream``: quantize layer by layer (:mod:`glm_export.quantize.stream`; the same artifact, for ONNX Runtime
+    or TensorRT, without the float model in memory or on disk); ``None`` streams when the whole-model path would
+    not fit.
     ``memory_check``: refuse up front, with the numbers, a build whose estimated peak RAM or disk does not fit
     (:mod:`glm_export.budget`).
     """
@@ -89,7 +90,7 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
     spec = None
     if backend != "onnxruntime":
         base = engine or EngineSpec(backend=backend)
-        spec = EngineSpec(backend, base.max_batch, base.max_context, base.max_prefill, base.targets)
+        spec = EngineSpec(backend, base.max_batch, base.max_context, base.max_prefill, base.targets, base.weights)
     quant = resolve_host_options(options_for_backend(quant or QuantOptions(), backend))
     if spec is not None and spec.targets and quant.target_compute_capability is None:
         quant = replace(quant, target_compute_capability=min(float(t) for t in spec.targets))
@@ -103,8 +104,11 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
         raise BuildError(f"--eval-text {eval_text} not found: pass a UTF-8 text file")
     cfg = Checkpoint(model_dir).config
     if spec is not None:
+        if spec.weights == "auto":
+            spec = replace(spec, weights=auto_engine_weights(cfg, precision, quant))
         spec.check(precision, cfg.max_position)
-    streamed = plan_memory(cfg, out, precision, backend, quant, stream, memory_check)
+    streamed = plan_memory(cfg, out, precision, backend, quant, stream, memory_check,
+                           spec.weights if spec is not None else "embedded")
     # Quantized graphs start from the fp32 graph for ONNX Runtime (CPU) and from the fp16 one for TensorRT
     # (no fp32 attention there); the Q/DQ nodes carry the precision.
     export_dtype = FLOAT_PRECISIONS.get(precision, "float32" if backend == "onnxruntime" else "float16")
@@ -157,7 +161,7 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
                 manifest = done["manifest"]
                 report["quantization"] = dict(done["report"])
                 manifest["precision"] = precision
-                if precision == "int8":
+                if precision == "int8" and quant.backend == "onnxruntime":
                     manifest["cpu_tuning"] = cpu_tuning(quant)
             else:
                 manifest = step("export", export)
@@ -224,17 +228,35 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
     return manifest
 
 
+def auto_engine_weights(cfg: Any, precision: str, quant: QuantOptions) -> str:
+    """``--engine-weights auto``: embedded in the plan when its build fits in 80 % of the available RAM, else
+    weights as network inputs (a weightless plan the runtime binds them to; :mod:`glm_export.engine`)."""
+    from glm_export import budget
+
+    quantized = precision in QUANTIZED_PRECISIONS
+    weights = budget.artifact_bytes(cfg, precision, quant.weight_block)
+    need, _ = budget.engine_step(weights, quantized, "embedded")
+    available = available_memory_bytes()
+    if need <= 0.8 * available:
+        return "embedded"
+    console.print(f"engine weights: network inputs, bound by the runtime (an engine with them embedded needs about "
+                  f"{budget.gib(need)} of RAM to build, {budget.gib(available)} is available; "
+                  "--engine-weights embedded forces it)")
+    return "inputs"
+
+
 def plan_memory(cfg: Any, out: Path, precision: str, backend: str, quant: QuantOptions, stream: bool | None,
-                memory_check: bool) -> bool:
+                memory_check: bool, engine_weights: str = "embedded") -> bool:
     """Whether to stream (see :func:`build_artifact`), after checking the build fits in RAM and on disk."""
     from glm_export import budget
 
-    can_stream = precision in QUANTIZED_PRECISIONS and backend == "onnxruntime"
+    can_stream = precision in QUANTIZED_PRECISIONS
     if stream and not can_stream:
-        raise BuildError(f"--stream quantizes for ONNX Runtime layer by layer; {precision} on {backend} has no "
-                         "streamed path: drop --stream")
+        raise BuildError(f"--stream quantizes layer by layer; an unquantized {precision} build has nothing to "
+                         "quantize (its export already streams the weights): drop --stream")
     args = dict(calib_samples=quant.calib_samples, calib_seq_len=quant.calib_seq_len,
-                accuracy_samples=quant.accuracy_samples, weight_block=quant.weight_block)
+                accuracy_samples=quant.accuracy_samples, weight_block=quant.weight_block,
+                engine_weights=engine_weights)
     available = available_memory_bytes()
     if stream is None:
         whole = budget.estimate(cfg, precision, backend, False, **args)
@@ -245,7 +267,7 @@ def plan_memory(cfg: Any, out: Path, precision: str, backend: str, quant: QuantO
                       f"{budget.gib(available)} available)")
     if memory_check:
         try:
-            budget.check(est, available, budget.free_disk(out), cfg, precision, backend)
+            budget.check(est, available, budget.free_disk(out), cfg, precision, backend, engine_weights)
         except budget.BudgetError as e:
             raise BuildError(str(e)) from None
     return bool(stream)

@@ -11,6 +11,10 @@ how CI builds real engines. Facts this module encodes (see ``docs/engines.md``):
   their precision in Q/DQ nodes; the network is explicitly typed from the graph).
 - Two optimization profiles: 0 = decode (one token per sequence), 1 = prefill (up to ``max_prefill``
   tokens). The runtime picks the profile per step.
+- Weights either embedded in the plan (``weights="embedded"``: the builder holds them ~3.9x over, so a 9B engine
+  needs ~69 GB of RAM to build) or declared network inputs (``weights="inputs"``: the plan is kernels and shapes
+  only, built in under a GB for 9B; the runtime uploads the artifact's weight tensors once and binds them like
+  the KV-cache buffers). The manifest entry lists each weight input's bytes in ``model.onnx.data``.
 """
 
 from __future__ import annotations
@@ -36,9 +40,12 @@ from glm_runtime import manifest as mf
 BACKENDS = ("tensorrt", "tensorrt-rtx", "onnxruntime")
 MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx_bindings"}
 ENGINE_FILE = "model.engine"
+WEIGHTS_FILE = "weights.bin"  # a weightless engine's inline weights (small graphs keep them in model.onnx)
 TIMING_CACHE = "timing.cache"
 # TensorRT-RTX ahead-of-time targets (compute capability -> enum name); FP8 needs Ada (8.9) or newer.
 log = logging.getLogger(__name__)
+WEIGHT_MODES = ("embedded", "inputs")
+WEIGHT_INPUT_MIN = 4096  # initializers with fewer elements (norm weights, rotary tables) stay constants
 RTX_TARGETS = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
 FP8_MIN_CC = 8.9
 
@@ -115,9 +122,12 @@ class EngineSpec:
     max_context: int = 4096
     max_prefill: int = 512
     targets: tuple[str, ...] = ()  # compute capabilities ("8.9", ...); empty = flavour default
+    weights: str = "embedded"  # or "inputs": a weightless plan, the runtime binds the weights (module doc)
 
     def check(self, precision: str, model_max: int) -> None:
         problems = []
+        if self.weights not in WEIGHT_MODES:
+            problems.append(f"--engine-weights must be one of {', '.join(WEIGHT_MODES)} (got {self.weights!r})")
         if self.max_batch < 1:
             problems.append(f"--max-batch must be >= 1 (got {self.max_batch})")
         if not 2 <= self.max_context <= model_max:
@@ -165,15 +175,57 @@ class _Progress:
         self.monitor = Monitor()
 
 
-def _pinned_graph(onnx_path: Path, max_context: int) -> bytes:
-    """The graph with ``cache_len`` fixed to ``max_context`` (weights stay external, read by the parser)."""
+def _pinned_graph(onnx_path: Path, max_context: int, weights_as_inputs: bool = False,
+                  side_file: tuple[Path, str] | None = None) -> tuple[bytes, list[dict[str, Any]]]:
+    """The graph with ``cache_len`` fixed to ``max_context`` (weights stay external, read by the parser), and with
+    ``weights_as_inputs`` every initializer of >= ``WEIGHT_INPUT_MIN`` elements turned into a graph input; returns
+    the graph and the table of those inputs (name, ONNX dtype, shape, data file, offset, length).
+
+    External initializers are listed where they are (``model.onnx.data``); inline ones (graphs under 2 GB keep
+    their weights inside ``model.onnx``, at no stable offset) are written to ``side_file`` = (path to write, its
+    name relative to the artifact), 64-byte aligned."""
     model = onnx.load(str(onnx_path), load_external_data=False)
     for value in [*model.graph.input, *model.graph.output]:
         if value.name.startswith(("past_", "present_")):
             dim = value.type.tensor_type.shape.dim[2]
             dim.ClearField("dim_param")
             dim.dim_value = max_context
-    return model.SerializeToString()
+    table: list[dict[str, Any]] = []
+    if not weights_as_inputs:
+        return model.SerializeToString(), table
+    keep = []
+    side = None
+    try:
+        for init in model.graph.initializer:
+            elements = 1
+            for d in init.dims:
+                elements *= d
+            external = init.data_location == onnx.TensorProto.EXTERNAL
+            if elements < WEIGHT_INPUT_MIN or not (external or init.raw_data) or (not external and side_file is None):
+                keep.append(init)  # small, or typed fields without raw bytes (never written by our exporter)
+                continue
+            record = {"name": init.name, "dtype": onnx.TensorProto.DataType.Name(init.data_type),
+                      "shape": [int(d) for d in init.dims]}
+            if external:
+                info = {e.key: e.value for e in init.external_data}
+                record.update(file=info["location"], offset=int(info.get("offset", 0)), length=int(info["length"]))
+            else:
+                assert side_file is not None
+                if side is None:
+                    side = open(side_file[0], "wb")  # closed below, also on error
+                side.write(b"\0" * (-side.tell() % 64))
+                record.update(file=side_file[1], offset=side.tell(), length=len(init.raw_data))
+                side.write(init.raw_data)
+            table.append(record)
+            model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    finally:
+        if side is not None:
+            side.flush()
+            os.fsync(side.fileno())
+            side.close()
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return model.SerializeToString(), table
 
 
 def _parse(parser: Any, graph: bytes, onnx_path: Path) -> list[Any] | None:
@@ -230,11 +282,31 @@ def _build_to_file(trt: ModuleType, builder: Any, network: Any, config: Any, pat
 
 
 def build_engine(artifact: Path, spec: EngineSpec, precision: str, model_max: int) -> dict[str, Any]:
-    """Build ``artifact/engine/<backend>/model.engine`` (atomically); return its manifest entry."""
+    """Build ``artifact/engine/<backend>/model.engine`` (atomically: in a staging directory, removed on failure,
+    renamed over the old engine when complete); return its manifest entry."""
     spec.check(precision, model_max)
     trt = import_trt(spec.backend)
     out_dir = Path(artifact) / "engine" / spec.backend
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     t0 = time.perf_counter()
+    try:
+        entry = _build_into(trt, Path(artifact), staging, out_dir, spec, precision)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(staging, out_dir)
+    entry["bytes"] = (out_dir / ENGINE_FILE).stat().st_size
+    entry["build_s"] = round(time.perf_counter() - t0, 2)
+    return entry
+
+
+def _build_into(trt: ModuleType, artifact: Path, staging: Path, out_dir: Path, spec: EngineSpec,
+                precision: str) -> dict[str, Any]:
+    """Parse, configure and build into ``staging``; the entry's paths name the engine's final place."""
     logger = trt_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
@@ -243,8 +315,11 @@ def build_engine(artifact: Path, spec: EngineSpec, precision: str, model_max: in
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    onnx_path = Path(artifact) / "model.onnx"
-    mapped = _parse(parser, _pinned_graph(onnx_path, spec.max_context), onnx_path)  # kept mapped until built
+    onnx_path = artifact / "model.onnx"
+    side_file = (staging / WEIGHTS_FILE, str((out_dir / WEIGHTS_FILE).relative_to(artifact)))
+    graph, weight_inputs = _pinned_graph(onnx_path, spec.max_context, spec.weights == "inputs", side_file)
+    mapped = _parse(parser, graph, onnx_path)  # kept mapped until built
+    del graph
     if mapped is None:
         errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"{spec.backend} could not parse {onnx_path}:\n  {errors}")
@@ -263,7 +338,7 @@ def build_engine(artifact: Path, spec: EngineSpec, precision: str, model_max: in
         targets = spec.targets or ("current GPU",)
     # A persisted timing cache speeds up rebuilds with data-centre TensorRT; TensorRT-RTX has none (its
     # timing-cache calls are deprecated no-ops since 1.2), so none is written for it.
-    cache_path = Path(artifact) / "engine" / TIMING_CACHE
+    cache_path = artifact / "engine" / TIMING_CACHE
     use_cache = spec.backend == "tensorrt"
     if use_cache:
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
@@ -271,31 +346,27 @@ def build_engine(artifact: Path, spec: EngineSpec, precision: str, model_max: in
     with count_progress() as progress:
         monitor = _Progress(trt, progress)
         config.progress_monitor = monitor.monitor
+        weights = (f"weights as {len(weight_inputs)} inputs, bound at run time" if spec.weights == "inputs"
+                   else "weights embedded")
         console.print(f"building {spec.backend} engine ({precision}, batch <= {spec.max_batch}, "
-                      f"context {spec.max_context}, targets {', '.join(targets)})")
-        staging = out_dir.with_name(f".{out_dir.name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+                      f"context {spec.max_context}, targets {', '.join(targets)}, {weights})")
         built = _build_to_file(trt, builder, network, config, staging / ENGINE_FILE)
     del mapped
     if not built:
         raise EngineError(f"{spec.backend} failed to build the engine (see the TensorRT messages above)")
     if use_cache:
         atomic.write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
     return {
         "backend": spec.backend,
         "flavour": "TensorRT for RTX" if spec.backend == "tensorrt-rtx" else "TensorRT",
         "version": trt.__version__,
         "file": str((out_dir / ENGINE_FILE).relative_to(artifact)),
-        "bytes": (out_dir / ENGINE_FILE).stat().st_size,
         "precision": precision,
         "targets": list(targets),
         "spec": asdict(spec),
         "profiles": profiles,
-        "build_s": round(time.perf_counter() - t0, 2),
+        "weights": {"mode": spec.weights, "tensors": weight_inputs,
+                    "bytes": sum(w["length"] for w in weight_inputs)},
     }
 
 
@@ -305,6 +376,8 @@ def _profile(builder: Any, network: Any, spec: EngineSpec, max_seq: int, opt_seq
     shapes: dict[str, Any] = {}
     for i in range(network.num_inputs):
         t = network.get_input(i)
+        if -1 not in tuple(t.shape):  # a weight input (weights="inputs"): static, needs no profile
+            continue
         if t.name in ("input_ids", "position_ids"):
             dims = [(1, 1), (1, opt_seq), (b, max_seq)]
         elif t.name == "logits_index":
@@ -316,6 +389,23 @@ def _profile(builder: Any, network: Any, spec: EngineSpec, max_seq: int, opt_seq
         if not t.name.startswith("past_"):
             shapes[t.name] = [list(x) for x in dims]
     return profile, shapes
+
+
+def auto_weights(artifact: Path, manifest: dict[str, Any]) -> str:
+    """``--weights auto`` for an existing artifact: embedded when the engine build over its weight files fits in
+    80 % of the available RAM, else inputs (the same rule as ``glm-export build``)."""
+    from glm_export import budget
+    from glm_runtime.engine import available_memory_bytes
+
+    weights = sum(e["bytes"] for name, e in manifest["files"].items() if name.startswith("model.onnx"))
+    quantized = manifest.get("precision") in ("int8", "fp8", "int4")
+    need, _ = budget.engine_step(weights, quantized, "embedded")
+    available = available_memory_bytes()
+    if need <= 0.8 * available:
+        return "embedded"
+    console.print(f"engine weights: network inputs, bound by the runtime (embedded, the build needs about "
+                  f"{budget.gib(need)} of RAM, {budget.gib(available)} is available; --weights embedded forces it)")
+    return "inputs"
 
 
 def check_engine(artifact: Path, entry: dict[str, Any]) -> dict[str, Any]:
@@ -350,4 +440,6 @@ def update_manifest_engines(artifact: Path, entry: dict[str, Any]) -> dict[str, 
 
 
 def describe(entry: dict[str, Any]) -> str:
-    return json.dumps({k: entry[k] for k in ("backend", "version", "precision", "targets", "bytes", "build_s")})
+    brief = {k: entry[k] for k in ("backend", "version", "precision", "targets", "bytes", "build_s")}
+    brief["weights"] = entry.get("weights", {}).get("mode", "embedded")
+    return json.dumps(brief)

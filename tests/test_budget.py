@@ -54,3 +54,22 @@ def test_build_refuses_before_any_work(tiny_checkpoint: Path, tmp_path: Path, mo
         build_artifact(tiny_checkpoint, tmp_path / "out", "int8", backend="onnxruntime",
                        quant=QuantOptions(calib_samples=8, calib_seq_len=16, accuracy_samples=0))
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.build").exists()
+
+
+def test_9b_engines_fit_with_their_weights_as_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine with the 9B fp16 weights embedded needs ~3.9x them to build (69 GiB: refused here, with the way
+    out named); as network inputs the build holds no weights (0.71 GB measured for 9B fp16) and ``auto`` picks
+    that when embedded would not fit."""
+    from glm_export.build import auto_engine_weights
+
+    embedded = budget.estimate(GB9, "fp16", "tensorrt-rtx", False)
+    inputs = budget.estimate(GB9, "fp16", "tensorrt-rtx", False, engine_weights="inputs")
+    assert embedded.steps["engine"] > 3.9 * 18.8e9 and embedded.peak_step == "engine"
+    assert inputs.steps["engine"] < 2e9 and inputs.peak < 12e9
+    assert inputs.disk < embedded.disk - 18.8e9  # no copy of the weights in the plan
+    with pytest.raises(budget.BudgetError, match="--engine-weights inputs"):
+        budget.check(embedded, 23 * budget.GiB, 100 * budget.GiB, GB9, "fp16", "tensorrt-rtx")
+    budget.check(inputs, 23 * budget.GiB, 100 * budget.GiB, GB9, "fp16", "tensorrt-rtx", "inputs")
+    monkeypatch.setattr("glm_export.build.available_memory_bytes", lambda: 23 * budget.GiB)
+    assert auto_engine_weights(GB9, "fp16", QuantOptions()) == "inputs"
+    assert auto_engine_weights(PRESETS["tiny"], "fp16", QuantOptions()) == "embedded"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -136,6 +137,13 @@ def test_quantized_engines(tmp_path: Path, tiny_checkpoint: Path, precision: str
     ops = set(manifest["graph"]["ops"])
     assert {"QuantizeLinear", "DequantizeLinear"} & ops if precision != "int4" else "DequantizeLinear" in ops
     assert read_manifest(tmp_path / precision)["precision"] == precision
+    # The same graph with its quantized weights (int8 / fp8 / packed int4 and their scales) as network inputs
+    weightless = engine_mod.build_engine(tmp_path / precision, EngineSpec(
+        "tensorrt-rtx", max_context=128, max_prefill=32, targets=("8.9",), weights="inputs"), precision, 8192)
+    dtypes = {t["dtype"] for t in weightless["weights"]["tensors"]}
+    assert {"int8": "INT8", "fp8": "FLOAT8E4M3FN", "int4": "INT4"}[precision] in dtypes, dtypes
+    assert weightless["bytes"] < entry["bytes"] / 3
+    assert check_engine(tmp_path / precision, weightless)["well_formed"]
 
 
 def test_external_weights_are_handed_to_the_parser_as_mapped_memory(tmp_path: Path,
@@ -156,9 +164,83 @@ def test_external_weights_are_handed_to_the_parser_as_mapped_memory(tmp_path: Pa
     builder = rtx.Builder(trt_logger(rtx))  # owns the network: keep it alive while the parser fills it
     network = builder.create_network(1 << int(rtx.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = rtx.OnnxParser(network, trt_logger(rtx))
-    maps = _parse(parser, _pinned_graph(art / "model.onnx", 256), art / "model.onnx")
+    maps = _parse(parser, _pinned_graph(art / "model.onnx", 256)[0], art / "model.onnx")
     assert maps is not None and len(maps) == 1 and maps[0].nbytes == (art / "model.onnx.data").stat().st_size
     spec = EngineSpec("tensorrt-rtx", max_batch=2, max_context=256, max_prefill=64)
     entry = engine_mod.build_engine(art, spec, "fp16", 8192)
     assert entry["bytes"] == (fp16_engine_artifact / entry["file"]).stat().st_size
     assert check_engine(art, entry)["well_formed"]
+
+
+def _initializers(onnx_path: Path) -> dict[str, object]:
+    import onnx
+
+    return {i.name: i for i in onnx.load(str(onnx_path), load_external_data=True).graph.initializer}
+
+
+def _check_weight_table(artifact: Path, entry: dict) -> None:
+    """Every initializer of >= WEIGHT_INPUT_MIN elements, as onnx reads it, is an input whose listed bytes are its
+    bytes; every smaller one is not."""
+    tables = {t["name"]: t for t in entry["weights"]["tensors"]}
+    inits = _initializers(artifact / "model.onnx")
+    big = {n for n, i in inits.items() if math.prod(i.dims) >= engine_mod.WEIGHT_INPUT_MIN}
+    assert set(tables) == big and big
+    for name in big:
+        t, init = tables[name], inits[name]
+        data = (artifact / t["file"]).read_bytes()[t["offset"]:t["offset"] + t["length"]]
+        assert data == init.raw_data, name
+        assert t["shape"] == list(init.dims)
+    assert entry["weights"]["bytes"] == sum(t["length"] for t in tables.values())
+
+
+def test_weightless_engine_lists_the_weights_it_leaves_out(tmp_path: Path, fp16_engine_artifact: Path) -> None:
+    """``glm-export engine --weights inputs``: a plan of kernels and shapes, a fraction of the embedded engine's
+    size; the manifest lists each weight input's bytes (inline weights go to engine/<backend>/weights.bin) and the
+    runtime's checked reader of that table returns the same ranges."""
+    from glm_runtime.engine_trt import weight_inputs
+
+    copy = tmp_path / "a"
+    shutil.copytree(fp16_engine_artifact, copy)
+    r = runner.invoke(app, ["engine", str(copy), "--backend", "tensorrt-rtx", "--weights", "inputs",
+                            "--max-context", "256", "--max-prefill", "64", "--max-batch", "2"])
+    assert r.exit_code == 0, r.output
+    manifest = read_manifest(copy, verify="hash")  # weights.bin is hashed like every other file
+    (entry,) = manifest["engines"]
+    embedded = read_manifest(fp16_engine_artifact)["engines"][0]
+    assert entry["weights"]["mode"] == "inputs" and entry["spec"]["weights"] == "inputs"
+    assert entry["bytes"] < embedded["bytes"] / 5 and entry["check"]["well_formed"]
+    assert "engine/tensorrt-rtx/weights.bin" in manifest["files"]
+    _check_weight_table(copy, entry)
+    listed = [(t["name"], copy / t["file"], t["offset"], t["length"]) for t in entry["weights"]["tensors"]]
+    assert weight_inputs(copy, entry) == listed
+    assert entry["profiles"] == embedded["profiles"]  # the weights need no profile: same shapes as embedded
+
+
+def test_weightless_engine_of_external_weights_points_into_the_data_file(tmp_path: Path,
+                                                                         fp16_engine_artifact: Path) -> None:
+    """A graph with external data (every 9B graph): the table points into model.onnx.data, nothing is copied."""
+    import onnx
+
+    art = tmp_path / "external"
+    shutil.copytree(fp16_engine_artifact, art)
+    shutil.rmtree(art / "engine")
+    model = onnx.load(str(art / "model.onnx"))
+    onnx.save(model, str(art / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=1024)
+    spec = EngineSpec("tensorrt-rtx", max_batch=2, max_context=256, max_prefill=64, weights="inputs")
+    entry = engine_mod.build_engine(art, spec, "fp16", 8192)
+    assert {t["file"] for t in entry["weights"]["tensors"]} == {"model.onnx.data"}
+    assert not (art / "engine" / "tensorrt-rtx" / "weights.bin").exists()
+    _check_weight_table(art, entry)
+
+
+def test_a_failed_engine_build_leaves_nothing(tmp_path: Path, fp16_engine_artifact: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = tmp_path / "a"
+    shutil.copytree(fp16_engine_artifact, copy)
+    before = (copy / "engine" / "tensorrt-rtx" / "model.engine").read_bytes()
+    monkeypatch.setattr(engine_mod, "_build_to_file", lambda *a: False)
+    with pytest.raises(EngineError, match="failed to build"):
+        engine_mod.build_engine(copy, EngineSpec("tensorrt-rtx", weights="inputs"), "fp16", 8192)
+    assert sorted(p.name for p in (copy / "engine").iterdir()) == ["tensorrt-rtx"]  # no staging left
+    assert (copy / "engine" / "tensorrt-rtx" / "model.engine").read_bytes() == before

@@ -179,3 +179,30 @@ def test_streamed_accuracy_reference_equals_the_whole_model(tiny_checkpoint: Pat
     assert streamed["mean_kl"] < 1e-9 and whole["mean_kl"] < 1e-9
     assert streamed["ppl_reference"] == pytest.approx(whole["ppl_reference"], rel=1e-6)
     assert streamed["greedy_matched_before_divergence"] is None and "greedy_note" in streamed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["int8", "fp8", "int4"])
+def test_streamed_tensorrt_form_equals_the_whole_model_path(precision: str, tiny_checkpoint: Path,
+                                                            tmp_path: Path) -> None:
+    """The TensorRT form (float16 graph, Q/DQ nodes, SmoothQuant / fp8 ranges / blocked int4) streamed layer by
+    layer: the tensors and graph of the whole-model path (export to float16, calibrate the float32 model, rewrite),
+    the embedding included (float16 in both: the graph's type)."""
+    from glm_export.quantize.rewrite import options_for_backend
+
+    opts = options_for_backend(QuantOptions(**FAST), "tensorrt-rtx")
+    whole = tmp_path / "whole"
+    export.export_onnx(tiny_checkpoint, whole, "float16")
+    quantize_into(tiny_checkpoint, whole, precision, opts)
+    streamed = tmp_path / "streamed"
+    streamed.mkdir()
+    manifest, _ = quantize_streamed(tiny_checkpoint, streamed, precision, opts)
+    assert manifest["dtype"] == "float16"
+    a, b = initializers(whole), initializers(streamed)
+    assert a.keys() == b.keys()
+    for name, t in a.items():
+        assert t.dtype == b[name].dtype and np.array_equal(t.numpy(), b[name].numpy()), name
+    ops = [n.op_type for n in ir.load(whole / "model.onnx").graph]
+    assert ops == [n.op_type for n in ir.load(streamed / "model.onnx").graph]
+    assert "QuantizeLinear" in ops or precision == "int4"
+    assert b["embed.weight"].dtype == ir.DataType.FLOAT16

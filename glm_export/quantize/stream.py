@@ -290,9 +290,11 @@ def _array_from(rec: dict[str, Any]) -> Any:
 
 def quantize_streamed(model_dir: Path, artifact: Path, precision: str, options: QuantOptions,
                       progress: Partial | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Write a quantized ONNX Runtime artifact's graph and side files into ``artifact`` (a staging directory);
-    return (manifest, the report's quantization section). ``progress``: the step's partial journal (resume
-    after the last finished layer of calibration or quantization; see the module's docstring)."""
+    """Write a quantized artifact's graph and side files into ``artifact`` (a staging directory); return
+    (manifest, the report's quantization section). The graph's float type follows ``options.backend`` as the
+    whole-model path's export does: float32 for ONNX Runtime (CPU), float16 for TensorRT (no fp32 attention there;
+    its Q/DQ nodes carry the precision). ``progress``: the step's partial journal (resume after the last
+    finished layer of calibration or quantization; see the module's docstring)."""
     options = resolve_host_options(options)
     check_options(precision, options)
     t0 = time.perf_counter()
@@ -312,9 +314,10 @@ def quantize_streamed(model_dir: Path, artifact: Path, precision: str, options: 
     console.print(f"tracing GLM-4 ({cfg.num_layers} layers); calibrating and quantizing it to {precision}, "
                   f"layer by layer")
     t_tr = time.perf_counter()
-    model = trace(ckpt, torch.float32)
+    dtype = torch.float32 if options.backend == "onnxruntime" else torch.float16
+    model = trace(ckpt, dtype)
     t_trace = time.perf_counter() - t_tr
-    _stream_weights(model, ckpt, torch.float32)
+    _stream_weights(model, ckpt, dtype)
     weights, rewriter = Weights(model.graph, cfg), Rewriter(model)
     head = CheckpointColumns(ckpt, "embed.weight" if cfg.tie_word_embeddings else "lm_head.weight")
     weights.sources["lm_head.weight"] = head  # read in chunks of rows, never converted whole to float32
@@ -398,7 +401,7 @@ def quantize_streamed(model_dir: Path, artifact: Path, precision: str, options: 
     # the graph now holds only references to the data file (its arrays were flushed), so it may stay alive
     os.replace(tmp, Path(artifact) / ONNX_FILE)
     onnx.checker.check_model(str(Path(artifact) / ONNX_FILE), full_check=False)
-    manifest = build_manifest(artifact, cfg, "float32", ckpt, extra_info=extra)
+    manifest = build_manifest(artifact, cfg, str(dtype).removeprefix("torch."), ckpt, extra_info=extra)
     t2 = time.perf_counter()
     manifest["timings"] = {"trace_s": round(t_trace, 2), "export_s": round(t2 - t1 + t_quant, 2)}
     kv = layers.pop("kv_cache", None)

@@ -11,6 +11,9 @@ with a message that says so (and the tests that need it skip with that reason).
 - Two execution contexts, one per optimization profile (0 = decode, 1 = prefill), share those buffers.
 - Decode steps are captured once per batch size into a CUDA graph and replayed (no per-token launch
   overhead of the individual kernels); a step whose shapes differ from the captured ones runs directly.
+- Weightless engines (``glm-export engine --weights inputs``): the plan has the weights as network inputs; they
+  are uploaded once from the artifact's ``model.onnx.data`` (the byte ranges the manifest entry lists, checked
+  against the file before any is read) and their device addresses bound to both contexts.
 - Row views (continuous batching, :class:`glm_runtime.engine.RowEngine`): rows ``[start, stop)`` of a cache
   are the same device buffers at a pointer offset of ``start`` rows (the row is the outermost dimension);
   views are kept per cache, so each one's captured decode graph stays valid.
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from glm_runtime.config import ModelConfig
+from glm_runtime.manifest import confined
 
 FP8_MIN_CC = (8, 9)
 MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx_bindings"}
@@ -76,6 +80,55 @@ def check_compatibility(entry: dict[str, Any], capability: tuple[int, int], trt_
     if entry["backend"] == "tensorrt-rtx" and targets and cc not in targets:
         raise TensorRTError(f"the engine targets compute capabilities {', '.join(targets)}, this GPU is {cc}: "
                             f"{rebuild} --target {cc}")
+
+
+# Bits per element of the ONNX types a weight input can have (int4 packs two per byte).
+WEIGHT_BITS = {"FLOAT": 32, "FLOAT16": 16, "BFLOAT16": 16, "INT8": 8, "UINT8": 8, "FLOAT8E4M3FN": 8, "INT4": 4,
+               "UINT4": 4, "INT32": 32, "INT64": 64}
+
+
+def weight_inputs(artifact: Path, entry: dict[str, Any]) -> list[tuple[str, Path, int, int]]:
+    """The weight inputs of a weightless engine as ``(name, file, offset, length)``, each checked against the
+    artifact (the manifest is untrusted input): names unique, files inside the artifact, byte ranges inside the
+    files and as long as the shape and type say. Empty for an engine with its weights embedded."""
+    weights = entry.get("weights") or {"mode": "embedded"}
+    mode = weights.get("mode") if isinstance(weights, dict) else None
+    if mode == "embedded":
+        return []
+    if mode != "inputs" or not isinstance(weights.get("tensors"), list):
+        raise TensorRTError(f"the engine entry's 'weights' is malformed ({str(weights)[:80]}): rebuild the engine "
+                            f"with glm-export engine ARTIFACT --backend {entry.get('backend')}")
+    out, seen, sizes = [], set(), {}
+    for t in weights["tensors"]:
+        name = t.get("name") if isinstance(t, dict) else None
+        try:
+            bits = WEIGHT_BITS[t["dtype"]]
+            shape = [int(d) for d in t["shape"]]
+            offset, length, file = int(t["offset"]), int(t["length"]), t["file"]
+        except (KeyError, TypeError, ValueError):
+            raise TensorRTError(f"weight input {str(t)[:80]} is malformed (name, dtype, shape, file, offset, "
+                                "length): rebuild the engine") from None
+        elements = int(np.prod(shape, dtype=np.int64))
+        problem = None
+        if not isinstance(name, str) or name in seen:
+            problem = "has no name or a repeated one"
+        elif not confined(file):
+            problem = f"names the file {file!r}, outside the artifact"
+        elif min(shape, default=0) < 0 or length != (elements * bits + 7) // 8 or offset < 0:
+            problem = f"is {length} bytes at offset {offset}; its shape {shape} and type {t['dtype']} say otherwise"
+        else:
+            if file not in sizes:
+                path = Path(artifact) / file
+                sizes[file] = path.stat().st_size if path.is_file() else -1
+            if sizes[file] < 0:
+                problem = f"is in {file}, which the artifact does not have"
+            elif offset + length > sizes[file]:
+                problem = f"ends at byte {offset + length}, past the end of {file} ({sizes[file]} bytes)"
+        if problem:
+            raise TensorRTError(f"weight input {name!r} {problem}: the artifact is damaged, copy or rebuild it")
+        seen.add(name)
+        out.append((name, Path(artifact) / file, offset, length))
+    return out
 
 
 class TrtKVCache:
@@ -169,10 +222,13 @@ class TrtEngine:
             raise TensorRTError(f"{entry['flavour']} could not deserialize {entry['file']}: rebuild it with "
                                 f"glm-export engine ARTIFACT --backend {entry['backend']}")
         self.stream = _ok(cudart.cudaStreamCreate())
+        self._weights = self._upload_weights(weight_inputs(Path(artifact), entry))
         self._contexts = []
         for profile in (0, 1):  # decode, prefill
             ctx = self._engine.create_execution_context()
             ctx.set_optimization_profile_async(profile, self.stream)
+            for name, ptr in self._weights.items():
+                ctx.set_tensor_address(name, ptr)
             self._contexts.append(ctx)
         b, p, v = self.max_batch, self.max_prefill, config.vocab_size
         self._ids = self.malloc(b * p * 8)
@@ -185,6 +241,32 @@ class TrtEngine:
         self._run_s = 0.0
 
     # ---- memory -----------------------------------------------------------------------------------------
+    def _upload_weights(self, table: list[tuple[str, Path, int, int]]) -> dict[str, int]:
+        """Copy each weight input's bytes from the memory-mapped data file to its own device buffer, once."""
+        self.weight_bytes = 0
+        if not table:
+            return {}
+        names = {self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)}
+        missing = [name for name, *_ in table if name not in names]
+        if missing:
+            raise TensorRTError(f"the engine has no input {missing[0]!r} that its manifest entry lists "
+                                f"({len(missing)} such): rebuild it with glm-export engine ARTIFACT --weights inputs")
+        maps: dict[Path, np.memmap] = {}
+        h2d = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        pointers: dict[str, int] = {}
+        try:
+            for name, path, offset, length in table:
+                if path not in maps:
+                    maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+                ptr = pointers[name] = self.malloc(length)
+                _ok(self.cudart.cudaMemcpy(ptr, maps[path].ctypes.data + offset, length, h2d))
+        except BaseException:
+            for ptr in pointers.values():
+                self.cudart.cudaFree(ptr)
+            raise
+        self.weight_bytes = sum(length for *_, length in table)
+        return pointers
+
     def malloc(self, nbytes: int, zero: bool = False) -> int:
         ptr = int(_ok(self.cudart.cudaMalloc(nbytes)))
         if zero:
@@ -309,6 +391,7 @@ class TrtEngine:
         return _ok(cudart.cudaGraphInstantiate(graph, 0))
 
     def close(self) -> None:
-        for ptr in (self._ids, self._pos, self._idx, self._logits):
+        for ptr in (self._ids, self._pos, self._idx, self._logits, *self._weights.values()):
             self.cudart.cudaFree(ptr)
+        self._weights = {}
         self._graphs.clear()
