@@ -14,7 +14,8 @@ how CI builds real engines. Facts this module encodes (see ``docs/engines.md``):
 - Weights either embedded in the plan (``weights="embedded"``: the builder holds them ~3.9x over, so a 9B engine
   needs ~69 GB of RAM to build) or declared network inputs (``weights="inputs"``: the plan is kernels and shapes
   only, built in under a GB for 9B; the runtime uploads the artifact's weight tensors once and binds them like
-  the KV-cache buffers). The manifest entry lists each weight input's bytes in ``model.onnx.data``.
+  the KV-cache buffers). The manifest entry lists each weight input's byte range: in ``model.onnx.data``, or
+  in ``engine/<backend>/weights.bin`` for a small graph that keeps its weights inside ``model.onnx``.
 """
 
 from __future__ import annotations

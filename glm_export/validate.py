@@ -26,6 +26,11 @@ class OrtGraph:
     def __init__(self, artifact: Path, threads: int | None = None) -> None:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # TensorScatter warns about copying when not IO-bound
+        # No memory arena: with one the process grows by the transient buffers of every run (measured on
+        # glm-4-9b-2layer's TensorRT-form int8 graph, whose fp16 MatMuls ORT CPU runs as DequantizeLinear -> Cast
+        # to float32 -> MatMul: RSS 6.7 GB after one 128-token run, 11.3 GB after two; without it 1.2 GB after
+        # each, 5.5 GB peak inside a run). The accuracy report runs many.
+        opts.enable_cpu_mem_arena = False
         if threads:
             opts.intra_op_num_threads = threads
         path = str(Path(artifact) / "model.onnx")

@@ -73,3 +73,13 @@ def test_9b_engines_fit_with_their_weights_as_inputs(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr("glm_export.build.available_memory_bytes", lambda: 23 * budget.GiB)
     assert auto_engine_weights(GB9, "fp16", QuantOptions()) == "inputs"
     assert auto_engine_weights(PRESETS["tiny"], "fp16", QuantOptions()) == "embedded"
+
+
+def test_tensorrt_form_accuracy_counts_the_widened_output_layer() -> None:
+    """ONNX Runtime CPU runs the TensorRT form's output layer as fp16 then float32 on every run: the accuracy
+    step's estimate holds both copies (glm-4-9b-2layer int8, TensorRT form: 7.26 GB peak RSS measured)."""
+    two = PRESETS["glm-4-9b-2layer"]
+    ort = budget.estimate(two, "int8", "onnxruntime", True, calib_samples=16, calib_seq_len=128, accuracy_samples=2)
+    trt = budget.estimate(two, "int8", "tensorrt-rtx", True, calib_samples=16, calib_seq_len=128, accuracy_samples=2)
+    assert trt.steps["accuracy"] - ort.steps["accuracy"] == 6 * 151552 * 4096
+    assert 7.26e9 <= trt.steps["accuracy"] < 1.3 * 7.26e9
