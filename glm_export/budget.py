@@ -56,6 +56,16 @@ def artifact_bytes(cfg: ModelConfig, precision: str, weight_block: int = 32, emb
     return int(matmul * per_weight + embed + 8 * cfg.num_layers * cfg.hidden_size * 4)
 
 
+def tensorrt_form_on_cpu(cfg: ModelConfig) -> int:
+    """What ONNX Runtime CPU adds to a run of a TensorRT-form graph (the accuracy report's only way to run it without
+    a GPU): it has no fp16 MatMul, so each weight goes DequantizeLinear -> fp16 -> Cast -> float32 -> MatMul, and
+    it schedules the weight-only DequantizeLinear nodes ahead of their MatMuls, so many dequantized weights are
+    alive at once. Measured: glm-4-9b-2layer int8 7.26 GB peak RSS (2.3 GB artifact); GLM-4-9B int8 passed 16 GB
+    of anonymous memory within its first run (OOM-killed at 24 GB). Counted here as every MatMul weight in fp16
+    and float32 at once: 6 bytes per weight (53 GB for GLM-4-9B)."""
+    return 6 * (cfg.num_layers * layer_params(cfg) + cfg.vocab_size * cfg.hidden_size)
+
+
 def calibration_bytes(cfg: ModelConfig, samples: int, seq_len: int) -> int:
     """Hidden states of every sequence (float32) plus one layer's activations and the kept input rows."""
     hidden = samples * seq_len * cfg.hidden_size * 4
@@ -96,10 +106,7 @@ def estimate(cfg: ModelConfig, precision: str, backend: str, streamed: bool, cal
     # and two float64 log-softmaxes
     acc_logits = (accuracy_samples * 4 + 4 + 2 * 8) * 128 * cfg.vocab_size if accuracy_samples else 0
     if accuracy_samples and backend != "onnxruntime":
-        # ONNX Runtime CPU runs the TensorRT form's fp16 MatMuls as DequantizeLinear -> Cast to float32 -> MatMul:
-        # the output layer passes through fp16 and float32 on every run (glm-4-9b-2layer int8: 7.26 GB peak RSS,
-        # of it ~3.7 GB this chain)
-        acc_logits += (2 + 4) * cfg.vocab_size * cfg.hidden_size
+        acc_logits += tensorrt_form_on_cpu(cfg)
     if quantized and streamed:
         steps["calibrate"] = BASE + layer32 + calibration_bytes(cfg, calib_samples, calib_seq_len)
         # one layer in float32, its largest tensor twice while copied, its quantized form, the rows kept

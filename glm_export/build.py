@@ -100,6 +100,8 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
         except QuantizeError as e:
             raise BuildError(str(e)) from None
     model_dir = resolve_model(model)
+    if precision in QUANTIZED_PRECISIONS and backend != "onnxruntime" and quant.accuracy_samples:
+        quant = tensorrt_form_accuracy(Checkpoint(model_dir).config, quant)
     if eval_text is not None and not Path(eval_text).is_file():
         raise BuildError(f"--eval-text {eval_text} not found: pass a UTF-8 text file")
     cfg = Checkpoint(model_dir).config
@@ -226,6 +228,24 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
         raise
     console.print(f"[green]built[/] {out} ({precision}) in {time.perf_counter() - t0:.1f} s")
     return manifest
+
+
+def tensorrt_form_accuracy(cfg: Any, quant: QuantOptions) -> QuantOptions:
+    """The accuracy report of a TensorRT-form graph runs it in ONNX Runtime CPU, which holds its weights
+    dequantized (:func:`glm_export.budget.tensorrt_form_on_cpu`); when that does not fit in 80 % of the available
+    RAM the report is skipped, said here and in report.json, instead of the build being killed at its end."""
+    from glm_export import budget
+
+    need = budget.tensorrt_form_on_cpu(cfg)
+    available = available_memory_bytes()
+    if need <= 0.8 * available:
+        return quant
+    console.print(f"accuracy report: skipped (ONNX Runtime CPU would hold the TensorRT form's weights dequantized, "
+                  f"~{budget.gib(need)}, {budget.gib(available)} is available); measure on the GPU host with "
+                  "glm-export eval ARTIFACT --text FILE --reference CHECKPOINT")
+    return replace(quant, accuracy_samples=0, accuracy_skipped=f"ONNX Runtime CPU would hold the TensorRT form's "
+                   f"weights dequantized (~{budget.gib(need)}, {budget.gib(available)} available): measure on the "
+                   "GPU host with glm-export eval")
 
 
 def auto_engine_weights(cfg: Any, precision: str, quant: QuantOptions) -> str:

@@ -114,6 +114,7 @@ class QuantOptions:
     int8_reduce_range: bool | None = None
     backend: str = "onnxruntime"  # set by options_for_backend: what the graph must run on
     accuracy_samples: int = 8  # held-out sequences for the accuracy report (0: skip it)
+    accuracy_skipped: str = ""  # why the build set accuracy_samples to 0 (said in the report), if it did
     target_compute_capability: float | None = None  # GPU the artifact is for, when known (fp8 needs >= 8.9)
 
 
@@ -961,6 +962,8 @@ def quantize_into(model_dir: Path, artifact: Path, precision: str, options: Quan
         except Exception as e:  # e.g. an fp16 graph ONNX Runtime CPU cannot run: report it, keep the artifact
             report["accuracy"] = {"status": "skipped", "reason": f"ONNX Runtime CPU could not run the graph: {e}"}
         report["timings"]["accuracy_s"] = round(time.perf_counter() - t2, 2)
+    elif options.accuracy_skipped:
+        report["accuracy"] = {"status": "skipped", "reason": options.accuracy_skipped}
     report["markdown"] = markdown(report)
     return report
 

@@ -418,6 +418,8 @@ def quantize_streamed(model_dir: Path, artifact: Path, precision: str, options: 
         except Exception as e:  # report it, keep the artifact (as quantize_into does)
             report["accuracy"] = {"status": "skipped", "reason": f"ONNX Runtime CPU could not run the graph: {e}"}
         report["timings"]["accuracy_s"] = round(time.perf_counter() - t2, 2)
+    elif options.accuracy_skipped:
+        report["accuracy"] = {"status": "skipped", "reason": options.accuracy_skipped}
     report["markdown"] = markdown(report)
     return manifest, report
 
