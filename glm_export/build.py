@@ -248,6 +248,14 @@ def tensorrt_form_accuracy(cfg: Any, quant: QuantOptions) -> QuantOptions:
                    "GPU host with glm-export eval")
 
 
+def weights_note(entry: dict[str, Any]) -> str:
+    w = entry.get("weights") or {}
+    if w.get("mode") != "inputs":
+        return "weights embedded"
+    return (f"weights as {len(w['tensors'])} network inputs ({w['bytes'] / 1e9:.2f} GB uploaded to the GPU and bound "
+            "by the runtime at load)")
+
+
 def auto_engine_weights(cfg: Any, precision: str, quant: QuantOptions) -> str:
     """``--engine-weights auto``: embedded in the plan when its build fits in 80 % of the available RAM, else
     weights as network inputs (a weightless plan the runtime binds them to; :mod:`glm_export.engine`)."""
@@ -428,7 +436,7 @@ def report_markdown(report: dict[str, Any], extra: str = "") -> str:
     if e:
         check = e["check"]
         lines += ["", f"Engine: {e['flavour']} {e['version']}, {e['precision']}, targets {', '.join(e['targets'])}, "
-                  f"{e['bytes'] / 1e6:.1f} MB, built in {e['build_s']} s. Header check: "
+                  f"{e['bytes'] / 1e6:.1f} MB, built in {e['build_s']} s, {weights_note(e)}. Header check: "
                   f"{'well-formed' if check.get('well_formed') else 'INVALID'} "
                   f"(diagnostics: {', '.join(check.get('diagnostics', [])) or 'none'})."]
         ev = report.get("engine_validation") or {}

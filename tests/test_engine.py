@@ -46,7 +46,7 @@ def test_fp16_engine_is_built_and_recorded(fp16_engine_artifact: Path) -> None:
     else:  # says plainly that the engine has not run
         assert validation["status"] == "not run" and "no NVIDIA GPU" in validation["reason"]
         assert "Engine validation: not run: no NVIDIA GPU" in report
-    assert "TensorRT for RTX" in report
+    assert "TensorRT for RTX" in report and "weights embedded" in report
 
 
 def test_engine_deserializes_with_pinned_cache_length(fp16_engine_artifact: Path) -> None:
