@@ -12,8 +12,9 @@ with a message that says so (and the tests that need it skip with that reason).
 - Decode steps are captured once per batch size into a CUDA graph and replayed (no per-token launch
   overhead of the individual kernels); a step whose shapes differ from the captured ones runs directly.
 - Weightless engines (``glm-export engine --weights inputs``): the plan has the weights as network inputs; they
-  are uploaded once from the artifact's ``model.onnx.data`` (the byte ranges the manifest entry lists, checked
-  against the file before any is read) and their device addresses bound to both contexts.
+  are uploaded once from the artifact (``model.onnx.data``, or ``engine/<backend>/weights.bin`` for a small graph:
+  the byte ranges the manifest entry lists, checked against the files before any is read) and their device
+  addresses bound to both contexts.
 - Row views (continuous batching, :class:`glm_runtime.engine.RowEngine`): rows ``[start, stop)`` of a cache
   are the same device buffers at a pointer offset of ``start`` rows (the row is the outermost dimension);
   views are kept per cache, so each one's captured decode graph stays valid.
