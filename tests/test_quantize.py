@@ -265,3 +265,25 @@ def test_lm_head_auto_follows_the_output_layers_share_of_the_bytes() -> None:
     assert resolve_lm_head(QuantOptions(), two, "fp8").lm_head == "int8"  # the same bytes as E4M3
     assert resolve_lm_head(QuantOptions(), full, "int8").lm_head == "same"
     assert resolve_lm_head(QuantOptions(lm_head="float"), full, "int4").lm_head == "float"
+
+
+def test_a_graph_that_shrinks_below_2gb_keeps_no_reference_to_the_old_data_file(tmp_path: Path,
+                                                                                tiny_checkpoint: Path,
+                                                                                tiny_artifact: Path) -> None:
+    """A float graph with external data quantized to one small enough to be written inline (glm-4-9b-2layer int4:
+    1.9 GB): every initializer ends up inside model.onnx, none still points at the model.onnx.data that the rewrite
+    removes (with RTN, whose scales fold into nothing, the norm weights and biases did, and ONNX Runtime refused
+    the artifact)."""
+    from glm_export.quantize.rewrite import quantize_into
+
+    art = tmp_path / "a"
+    shutil.copytree(tiny_artifact, art)
+    model = onnx.load(str(art / "model.onnx"))
+    onnx.save(model, str(art / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=256)
+    opts = QuantOptions(calib_samples=8, calib_seq_len=32, accuracy_samples=0, weight_method="rtn")  # no folds
+    quantize_into(tiny_checkpoint, art, "int4", opts)
+    m = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    assert not [i.name for i in m.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert not (art / "model.onnx.data").exists()
+    ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -910,6 +910,10 @@ def rewrite_file(artifact: Path, cfg: Any, precision: str, options: QuantOptions
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     external = total > EXTERNAL_DATA_THRESHOLD
+    if not external:  # tensors the rewrite left alone may still point into the source's data file: inline them
+        for value in model.graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
     ir.save(model, stage / ONNX_FILE, external_data=ONNX_DATA if external else None)
     del model
     gc.collect()
