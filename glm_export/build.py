@@ -100,14 +100,19 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
         except QuantizeError as e:
             raise BuildError(str(e)) from None
     model_dir = resolve_model(model)
-    if precision in QUANTIZED_PRECISIONS and backend != "onnxruntime" and quant.accuracy_samples:
-        quant = tensorrt_form_accuracy(Checkpoint(model_dir).config, quant)
     if eval_text is not None and not Path(eval_text).is_file():
         raise BuildError(f"--eval-text {eval_text} not found: pass a UTF-8 text file")
     cfg = Checkpoint(model_dir).config
+    if precision in QUANTIZED_PRECISIONS and backend != "onnxruntime" and quant.accuracy_samples:
+        quant = tensorrt_form_accuracy(cfg, quant)
     if spec is not None:
         if spec.weights == "auto":
-            spec = replace(spec, weights=auto_engine_weights(cfg, precision, quant))
+            from glm_export import budget
+            from glm_export.engine import choose_weights
+
+            weights = budget.artifact_bytes(cfg, precision, quant.weight_block)
+            spec = replace(spec, weights=choose_weights(weights, precision in QUANTIZED_PRECISIONS,
+                                                        "--engine-weights"))
         spec.check(precision, cfg.max_position)
     streamed = plan_memory(cfg, out, precision, backend, quant, stream, memory_check,
                            spec.weights if spec is not None else "embedded")
@@ -254,23 +259,6 @@ def weights_note(entry: dict[str, Any]) -> str:
         return "weights embedded"
     return (f"weights as {len(w['tensors'])} network inputs ({w['bytes'] / 1e9:.2f} GB uploaded to the GPU and bound "
             "by the runtime at load)")
-
-
-def auto_engine_weights(cfg: Any, precision: str, quant: QuantOptions) -> str:
-    """``--engine-weights auto``: embedded in the plan when its build fits in 80 % of the available RAM, else
-    weights as network inputs (a weightless plan the runtime binds them to; :mod:`glm_export.engine`)."""
-    from glm_export import budget
-
-    quantized = precision in QUANTIZED_PRECISIONS
-    weights = budget.artifact_bytes(cfg, precision, quant.weight_block)
-    need, _ = budget.engine_step(weights, quantized, "embedded")
-    available = available_memory_bytes()
-    if need <= 0.8 * available:
-        return "embedded"
-    console.print(f"engine weights: network inputs, bound by the runtime (an engine with them embedded needs about "
-                  f"{budget.gib(need)} of RAM to build, {budget.gib(available)} is available; "
-                  "--engine-weights embedded forces it)")
-    return "inputs"
 
 
 def plan_memory(cfg: Any, out: Path, precision: str, backend: str, quant: QuantOptions, stream: bool | None,

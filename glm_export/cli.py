@@ -278,10 +278,10 @@ def engine(
     from glm_export.engine import (
         EngineError,
         EngineSpec,
-        auto_weights,
         build_engine,
         check_engine,
         choose_backend,
+        choose_weights,
         describe,
     )
     from glm_runtime.manifest import read_manifest
@@ -290,7 +290,10 @@ def engine(
         raise EngineError("onnxruntime needs no engine: the artifact's model.onnx is what it runs")
     choose_backend(backend.value)  # clear error when not installed
     manifest = read_manifest(artifact, verify="size")
-    mode = auto_weights(artifact, manifest) if weights is EngineWeights.auto else weights.value
+    mode = weights.value
+    if weights is EngineWeights.auto:
+        data = sum(e["bytes"] for name, e in manifest["files"].items() if name.startswith("model.onnx"))
+        mode = choose_weights(data, manifest["precision"] in ("int8", "fp8", "int4"), "--weights")
     spec = EngineSpec(backend.value, max_batch, max_context, max_prefill, tuple(target or ()), mode)
     entry = build_engine(artifact, spec, manifest["precision"], manifest["model"]["max_position"])
     entry["check"] = check_engine(artifact, entry)

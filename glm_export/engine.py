@@ -392,20 +392,19 @@ def _profile(builder: Any, network: Any, spec: EngineSpec, max_seq: int, opt_seq
     return profile, shapes
 
 
-def auto_weights(artifact: Path, manifest: dict[str, Any]) -> str:
-    """``--weights auto`` for an existing artifact: embedded when the engine build over its weight files fits in
-    80 % of the available RAM, else inputs (the same rule as ``glm-export build``)."""
+def choose_weights(weight_bytes: int, quantized: bool, flag: str) -> str:
+    """``auto`` engine weights (``glm-export build --engine-weights``, ``glm-export engine --weights``): embedded
+    when the build over ``weight_bytes`` of graph weights fits in 80 % of the available RAM, else inputs, said."""
     from glm_export import budget
     from glm_runtime.engine import available_memory_bytes
 
-    weights = sum(e["bytes"] for name, e in manifest["files"].items() if name.startswith("model.onnx"))
-    quantized = manifest.get("precision") in ("int8", "fp8", "int4")
-    need, _ = budget.engine_step(weights, quantized, "embedded")
+    need, _ = budget.engine_step(weight_bytes, quantized, "embedded")
     available = available_memory_bytes()
     if need <= 0.8 * available:
         return "embedded"
-    console.print(f"engine weights: network inputs, bound by the runtime (embedded, the build needs about "
-                  f"{budget.gib(need)} of RAM, {budget.gib(available)} is available; --weights embedded forces it)")
+    console.print(f"engine weights: network inputs, bound by the runtime (an engine with them embedded needs about "
+                  f"{budget.gib(need)} of RAM to build, {budget.gib(available)} is available; {flag} embedded "
+                  "forces it)")
     return "inputs"
 
 

@@ -61,7 +61,7 @@ def test_9b_engines_fit_with_their_weights_as_inputs(monkeypatch: pytest.MonkeyP
     """An engine with the 9B fp16 weights embedded needs ~3.9x them to build (69 GiB: refused here, with the way
     out named); as network inputs the build holds no weights (0.71 GB measured for 9B fp16) and ``auto`` picks
     that when embedded would not fit."""
-    from glm_export.build import auto_engine_weights
+    from glm_export.engine import choose_weights
 
     embedded = budget.estimate(GB9, "fp16", "tensorrt-rtx", False)
     inputs = budget.estimate(GB9, "fp16", "tensorrt-rtx", False, engine_weights="inputs")
@@ -71,9 +71,9 @@ def test_9b_engines_fit_with_their_weights_as_inputs(monkeypatch: pytest.MonkeyP
     with pytest.raises(budget.BudgetError, match="--engine-weights inputs"):
         budget.check(embedded, 23 * budget.GiB, 100 * budget.GiB, GB9, "fp16", "tensorrt-rtx")
     budget.check(inputs, 23 * budget.GiB, 100 * budget.GiB, GB9, "fp16", "tensorrt-rtx", "inputs")
-    monkeypatch.setattr("glm_export.build.available_memory_bytes", lambda: 23 * budget.GiB)
-    assert auto_engine_weights(GB9, "fp16", QuantOptions()) == "inputs"
-    assert auto_engine_weights(PRESETS["tiny"], "fp16", QuantOptions()) == "embedded"
+    monkeypatch.setattr("glm_runtime.engine.available_memory_bytes", lambda: 23 * budget.GiB)
+    assert choose_weights(budget.artifact_bytes(GB9, "fp16"), False, "--engine-weights") == "inputs"
+    assert choose_weights(budget.artifact_bytes(PRESETS["tiny"], "fp16"), False, "--engine-weights") == "embedded"
 
 
 def test_tensorrt_form_accuracy_counts_the_dequantized_weights(tiny_checkpoint: Path, tmp_path: Path,
