@@ -161,6 +161,34 @@ def test_cancel_frees_the_row_and_the_queue_is_bounded(llm: LLM) -> None:
         sched.close()
 
 
+def test_a_sequence_being_placed_still_holds_its_row(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the engine thread prefills a sequence it has taken from the queue (in neither the queue nor the
+    active rows for that step), a full scheduler still refuses the next one: a 6th request once slipped past a
+    server of 3 rows + 2 queue places in that window (tests/test_server.py, CI)."""
+    entered, release = threading.Event(), threading.Event()
+    step = llm.engine.step
+
+    def held_step(*args: object, **kwargs: object) -> object:
+        entered.set()
+        assert release.wait(30)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "step", held_step)
+    sched = Scheduler(llm.engine, max_concurrency=1, max_queue=0, kv_budget_bytes=1 << 30)
+    try:
+        (first,) = sched.submit(Sequence(prompt(4, 1), 3, GREEDY))
+        assert entered.wait(30)  # its prefill step has begun: out of the queue, not yet in a row
+        with pytest.raises(QueueFullError, match="retry later"):
+            sched.submit(Sequence(prompt(4, 2), 3, GREEDY))
+        release.set()
+        assert first.wait(30) and first.finish_reason == "length"
+        (second,) = sched.submit(Sequence(prompt(4, 2), 3, GREEDY))  # its row is free again
+        assert second.wait(30) and len(second.output) == 3
+    finally:
+        release.set()
+        sched.close()
+
+
 def test_pool_grows_shrinks_and_respects_the_budget(llm: LLM) -> None:
     cfg = llm.config
     per_token = cfg.kv_cache_bytes_per_token(llm.engine.cache_dtype)

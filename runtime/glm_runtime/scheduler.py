@@ -106,6 +106,7 @@ class Scheduler:
         self._active: list[Sequence] = []  # decoding, packed: _active[b].row == b
         self._prefilling: Sequence | None = None  # at row len(_active)
         self._admitted: list[Sequence] = []  # the last group taken from the queue
+        self._inflight = 0  # submitted and not yet ended: running, being placed, or queued (under _cv)
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._closed = False
         self.prefix_cap = prefix_cache_bytes
@@ -145,9 +146,10 @@ class Scheduler:
         with self._cv:
             if self._closed:
                 raise SchedulerClosedError("the server is shutting down")
-            free = self.max_concurrency - len(self._active) - (self._prefilling is not None)
-            queued = sum(1 + len(q.followers) for q in self._queue)
-            if queued + len(seqs) > free + self.max_queue:
+            # Counted, not read off the lists: a group the engine thread has taken from the queue but not yet placed
+            # in its rows is in neither list for the length of a prefill step (a 6th request slipped past a full
+            # server then), and a long prompt's followers wait outside both.
+            if self._inflight + len(seqs) > self.max_concurrency + self.max_queue:
                 self.stats.rejected += len(seqs)
                 raise QueueFullError(
                     f"all {self.max_concurrency} sequence slots are busy and {len(self._queue)} requests are "
@@ -167,6 +169,7 @@ class Scheduler:
                     leaders[key] = s
                     self._queue.append(s)
             self.stats.submitted += len(seqs)
+            self._inflight += len(seqs)
             self._cv.notify_all()
         return list(seqs)
 
@@ -526,6 +529,8 @@ class Scheduler:
     def _end(self, seq: Sequence, reason: str) -> None:
         if seq.done.is_set():
             return
+        with self._cv:
+            self._inflight -= 1
         if seq.finish_reason is None:
             seq.finish_reason = reason
         seq.t_end = time.perf_counter()
