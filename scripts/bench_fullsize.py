@@ -1,7 +1,8 @@
 """Runtime numbers of a full-size artifact (README "Full-size GLM-4-9B"): load time, RSS after load and at the end,
 prefill of a 512-token prompt, decode tok/s at batch 1 (and 4 with --batch4), greedy, EOS ignored.
 
-    python scripts/bench_fullsize.py ARTIFACT [--threads 2] [--decode 32] [--batch4] [--json out.json]
+    python scripts/bench_fullsize.py ARTIFACT [--threads 2] [--decode 32] [--batch4] [--int4-kernel auto|ort]
+                                             [--json out.json]
 
 Run it alone under ``nice`` on a shared machine and say so beside its numbers; one process per artifact so the
 RSS is that artifact's. Prompts are random token ids (the random-weight checkpoints have no meaningful text).
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--batch4", action="store_true")
+    ap.add_argument("--int4-kernel", choices=("auto", "ort"), default="auto",
+                    help="int4 artifacts: the runtime's kernel (auto) or ONNX Runtime's MatMulNBits (ort)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -58,12 +61,13 @@ def main() -> None:
 
     size = sum(p.stat().st_size for p in args.artifact.iterdir() if p.is_file())
     t0 = time.perf_counter()
-    llm = load(args.artifact, threads=args.threads, verify="size")
+    llm = load(args.artifact, threads=args.threads, verify="size", int4_kernel=args.int4_kernel)
     load_s = time.perf_counter() - t0
     rss_load, _ = rss_gb()
     out: dict[str, Any] = {"artifact": str(args.artifact), "artifact_gb": round(size / 1e9, 2),
                            "load_s": round(load_s, 1), "rss_after_load_gb": round(rss_load, 2),
                            "threads": args.threads, "cpu": cpu().get("model"), "python": platform.python_version(),
+                           "engine": llm.engine.describe(),
                            "runs": []}
     print(json.dumps(out), flush=True)
     out["runs"].append(run(llm, 1, args.prompt, args.decode))

@@ -111,12 +111,23 @@ def weight_bytes(artifact: Path) -> tuple[int, int]:
     return total, per_token
 
 
-def decode_speed(artifact: Path, cfg, threads: int, prompt: int, tokens: int, runs: int) -> dict[str, float]:
+def decode_speed(artifact: Path, cfg, threads: int, prompt: int, tokens: int, runs: int,
+                 int4_kernel: bool = False) -> dict[str, float]:
+    """``int4_kernel``: run MatMulNBits on the runtime's kernel (glm_runtime.cpu_kernel), as glm-runtime does."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(artifact / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    disabled = None
+    if int4_kernel:
+        from glm_runtime import cpu_kernel
+
+        kernel = cpu_kernel.load(threads)
+        if kernel is None:
+            raise SystemExit("error: the runtime's int4 kernel is not built here (pip install -e ./runtime)")
+        disabled = cpu_kernel.configure(opts, kernel)
+    sess = ort.InferenceSession(str(artifact / "model.onnx"), opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled)
     cache_len = prompt + tokens
     shape = (1, cfg.num_kv_heads, cache_len, cfg.head_dim)
     dtype = np.int8 if sess.get_inputs()[3].type == "tensor(int8)" else np.float32  # --kv-cache-dtype int8
@@ -178,6 +189,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--int4-kernel", choices=("auto", "ort", "both"), default="both",
+                    help="int4 variants: run them on the runtime's kernel (auto, as glm-runtime does), on ONNX "
+                         "Runtime's MatMulNBits (ort), or both (two rows each)")
     ap.add_argument("--gguf", default="", help="comma-separated GGUF files measured by llama-bench in each round")
     ap.add_argument("--llama-build", type=Path, default=Path("/work/tools/llama.cpp"),
                     help="llama.cpp build directory (for --gguf)")
@@ -223,14 +237,18 @@ def main() -> None:
             manifest["precision"], manifest["graph"] = precision, graph_io(art / "model.onnx")
             write_manifest(art, manifest)  # so glm-runtime / glm-export bench can load the artifact
             print(f"{precision}: quantized in {time.perf_counter() - t0:.0f} s")
-        arts.append((spec, art))
+        if precision == "int4" and args.int4_kernel in ("auto", "both"):
+            arts.append((spec + " (glm-runtime kernel)", art))
+        if precision != "int4" or args.int4_kernel in ("ort", "both"):
+            arts.append((spec + (" (ORT MatMulNBits)" if precision == "int4" else ""), art))
     # Interleaved rounds (one run of every precision per round, a fresh session each time): on a shared machine
     # the load changes within minutes, and consecutive per-precision medians would compare different loads.
     runs: dict[str, list[dict[str, float]]] = {spec: [] for spec, _ in arts}
     llama: dict[Path, list[float]] = {g: [] for g in ggufs}
     for r in range(args.runs):
         for spec, art in arts:
-            runs[spec].append(decode_speed(art, cfg, args.threads, args.prompt, args.tokens, 1))
+            runs[spec].append(decode_speed(art, cfg, args.threads, args.prompt, args.tokens, 1,
+                                           int4_kernel=spec.endswith("(glm-runtime kernel)")))
             print(f"round {r + 1}: {spec}: {runs[spec][-1]}", flush=True)
         for g in ggufs:
             llama[g] += llama_decode(args.llama_build, g, args.threads, args.prompt, args.tokens)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from glm_runtime import cpu_kernel
 from glm_runtime.config import ModelConfig
 from glm_runtime.engine import format_bytes
 from glm_runtime.manifest import ArtifactError
@@ -105,14 +106,9 @@ class OrtEngine:
     """:class:`glm_runtime.engine.Engine` on ONNX Runtime (CPU, CUDA or ORT's TensorRT provider)."""
 
     def __init__(self, model_path: Path, config: ModelConfig, providers: list[str] | None = None,
-                 threads: int | None = None, log_severity: int = 2) -> None:
+                 threads: int | None = None, log_severity: int = 2, int4_kernel: str | None = None) -> None:
         self.config = config
         self.model_path = Path(model_path)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = log_severity
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
         requested = providers or default_providers()
         unknown = [p for p in requested if p not in ort.get_available_providers()]
         if unknown:
@@ -122,12 +118,21 @@ class OrtEngine:
         log.info("loading %s (%s) with ONNX Runtime %s on %s, %s threads", self.model_path, format_bytes(size),
                  ort.__version__, requested, threads or "default")
         t0 = time.perf_counter()
-        try:
-            self.session = ort.InferenceSession(str(self.model_path), opts, providers=requested)
-        except Exception as e:  # ORT raises its own pybind types (Fail, InvalidGraph, NotImplemented)
-            raise ArtifactError(f"ONNX Runtime {ort.__version__} cannot load {self.model_path}: {e}\n"
-                                + ort_load_advice(str(e))) from e
-        log.info("model loaded in %.1f s", time.perf_counter() - t0)
+        # int4_kernel: None = not an int4 graph; "auto" = the runtime's kernel when it is built and the session is
+        # CPU-only; "ort" = ONNX Runtime's MatMulNBits (cpu_kernel.py says why there are two).
+        kernel = None
+        if int4_kernel == "auto" and requested == ["CPUExecutionProvider"]:
+            kernel = cpu_kernel.load(threads)
+        self.int4_kernel = "ONNX Runtime MatMulNBits" if int4_kernel else None
+        self.session, why = self._create_session(threads, log_severity, requested, kernel)
+        if kernel is not None and why is None:
+            self.int4_kernel = kernel.describe()
+        elif kernel is not None:
+            log.warning("the runtime's int4 kernel cannot run this graph (%s): using ONNX Runtime's", why)
+            if self.session is None:
+                self.session, _ = self._create_session(threads, log_severity, requested, None)
+        log.info("model loaded in %.1f s%s", time.perf_counter() - t0,
+                 f"; int4 matmuls: {self.int4_kernel}" if self.int4_kernel else "")
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         self._check_io()
@@ -135,6 +140,36 @@ class OrtEngine:
         self.itemsize = self._dtype.itemsize
         self._run_s = 0.0
         self._cache_names = [f"{kv}_{i}" for i in range(config.num_layers) for kv in ("key", "value")]
+
+    def _create_session(self, threads: int | None, log_severity: int, providers: list[str],
+                        kernel: cpu_kernel.Q4Kernel | None) -> tuple[ort.InferenceSession | None, str | None]:
+        """The session, and with ``kernel`` why it cannot be used (None: it is in use; no session: build one
+        without it). The kernel stands in for MatMulNBits in this session only."""
+        opts = ort.SessionOptions()
+        opts.log_severity_level = log_severity
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        before, disabled = 0, []
+        if kernel is not None:
+            disabled = cpu_kernel.configure(opts, kernel)
+            before = kernel.unsupported()
+        try:
+            session = ort.InferenceSession(str(self.model_path), opts, providers=providers,
+                                           disabled_optimizers=disabled or None)
+        except Exception as e:  # ORT raises its own pybind types (Fail, InvalidGraph, NotImplemented)
+            if kernel is not None and "MatMulNBits" in str(e):  # its schema: 3 inputs (no zero points), float
+                return None, str(e).splitlines()[0][:300]
+            raise ArtifactError(f"ONNX Runtime {ort.__version__} cannot load {self.model_path}: {e}\n"
+                                + ort_load_advice(str(e))) from e
+        if kernel is None:
+            return session, None
+        if not kernel.lib.glm_q4_registered():
+            return session, "it did not register: ONNX Runtime's C API is not the one it was written for"
+        if kernel.unsupported() != before:
+            return None, (f"{kernel.unsupported() - before} MatMulNBits nodes are not 4-bit with accuracy_level 4 "
+                          "and a power-of-two block")
+        return session, None
 
     def _check_io(self) -> None:
         cfg = self.config
@@ -164,7 +199,8 @@ class OrtEngine:
         return self._run_s
 
     def describe(self) -> str:
-        return f"onnxruntime {ort.__version__} {self.providers[0]} ({self.cache_dtype} KV cache)"
+        kernel = f", int4: {self.int4_kernel}" if self.int4_kernel else ""
+        return f"onnxruntime {ort.__version__} {self.providers[0]} ({self.cache_dtype} KV cache{kernel})"
 
     def allocate(self, batch: int, cache_len: int) -> OrtKVCache:
         cache = OrtKVCache(self, batch)
@@ -310,13 +346,16 @@ class OrtEngine:
 
 
 def load_engine(artifact: Path, manifest: dict[str, Any], config: ModelConfig, providers: list[str] | None = None,
-                threads: int | None = None, log_severity: int = 2) -> OrtEngine:
+                threads: int | None = None, log_severity: int = 2, int4_kernel: str | None = None) -> OrtEngine:
+    """``int4_kernel``: ``auto`` / ``ort`` (default: $GLM_RUNTIME_INT4_KERNEL, else auto); used by int4 artifacts."""
     graph = manifest.get("graph", {})
     path = Path(artifact) / graph.get("file", "model.onnx")
     if not path.is_file():
         raise ArtifactError(f"{path} not found: this artifact has no ONNX graph for the ONNX Runtime engine")
     warn_cpu_tuning(manifest)
-    return OrtEngine(path, config, providers, threads, log_severity)
+    mode = cpu_kernel.resolve_mode(int4_kernel)
+    return OrtEngine(path, config, providers, threads, log_severity,
+                     int4_kernel=mode if manifest.get("precision") == "int4" else None)
 
 
 def warn_cpu_tuning(manifest: dict[str, Any]) -> str | None:

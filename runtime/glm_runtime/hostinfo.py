@@ -30,7 +30,7 @@ PACKAGES = ("glm-export", "glm-runtime", "onnxruntime", "onnxruntime-gpu", "onnx
             "transformers", "numpy", "tokenizers", "safetensors", "jinja2", "tensorrt", "tensorrt-rtx-cu13-bindings",
             "tensorrt-rtx-cu13-libs", "cuda-python", "fastapi", "uvicorn", "pydantic", "ray", "tiktoken")
 ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "CUDA_VISIBLE_DEVICES", "GLM_EXPORT_CACHE",
-            "ORT_DISABLE_ALL", "PYTHONPATH")
+            "ORT_DISABLE_ALL", "PYTHONPATH", "GLM_RUNTIME_INT4_KERNEL", "GLM_Q4_ISA")
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -121,10 +121,22 @@ def memory_and_disk(path: Path) -> dict[str, Any]:
 def collect(path: Path | None = None) -> dict[str, Any]:
     return {
         "python": sys.version.split()[0], "platform": platform.platform(), "executable": sys.executable,
-        "cpu": cpu(), "packages": packages(), "onnxruntime": onnxruntime_info(), "gpus": gpus(),
+        "cpu": cpu(), "packages": packages(), "onnxruntime": onnxruntime_info(), "int4_kernel": int4_kernel_info(),
+        "gpus": gpus(),
         "memory": memory_and_disk(path or Path.cwd()),
         "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
     }
+
+
+def int4_kernel_info() -> dict[str, Any]:
+    """Whether the runtime's int4 CPU kernel (glm_runtime.cpu_kernel) is built, and the path it takes here."""
+    from glm_runtime import cpu_kernel
+
+    path = cpu_kernel.library_path()
+    if path is None:
+        return {"built": False}
+    kernel = cpu_kernel.load(None)
+    return {"built": True, "path": str(path), "isa": kernel.isa if kernel else "none (no AVX2: ONNX Runtime's)"}
 
 
 def _gib(n: int | None) -> str:
@@ -140,6 +152,8 @@ def render(info: dict[str, Any]) -> str:
         f"CPU ISA (as ONNX Runtime dispatches): {' '.join(c['isa'])}",
         f"int8 dot product (VNNI/AMX/dotprod): {'unknown' if c['int8_dot_product'] is None else c['int8_dot_product']}",
         f"ONNX Runtime: {o.get('version', o.get('error'))}; providers: {', '.join(o.get('providers', []))}",
+        "int4 kernel: " + (f"built, {info['int4_kernel']['isa']}" if info["int4_kernel"]["built"]
+                           else "not built (no C compiler at install): ONNX Runtime's MatMulNBits"),
         "GPU: " + ("; ".join(f"{g.get('name')} (compute capability {g.get('compute_capability')}, "
                              f"{g.get('memory')}, driver {g.get('driver')})" if "error" not in g else g["error"]
                              for g in info["gpus"]) or "none (no nvidia-smi)"),
@@ -149,7 +163,7 @@ def render(info: dict[str, Any]) -> str:
     ]
     trt = [k for k in info["packages"] if k.startswith("tensorrt")]
     pkgs = info["packages"]
-    lines.insert(7, "TensorRT: " + (", ".join(f"{k} {pkgs[k]}" for k in trt) or "not installed"))
+    lines.insert(8, "TensorRT: " + (", ".join(f"{k} {pkgs[k]}" for k in trt) or "not installed"))
     if info["env"]:
         lines += ["Environment:", *[f"  {k}={v}" for k, v in info["env"].items()]]
     return "\n".join(lines)

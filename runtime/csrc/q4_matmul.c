@@ -1,0 +1,537 @@
+/*
+ * glm_runtime._q4_matmul: a faster CPU kernel for ONNX Runtime's com.microsoft::MatMulNBits (4-bit, symmetric,
+ * no zero points), loaded as an ONNX Runtime custom-op library.
+ *
+ * Why: at batch 1 a decode step of GLM-4-9B reads ~5 GB of int4 weights, so decode speed is read bandwidth.
+ * ONNX Runtime 1.32's MatMulNBits streams them at ~20 GB/s on a 2-core Xeon that reads 32 GB/s; this kernel
+ * reads each weight row front to back with software prefetch and reaches ~30 GB/s (docs/runtime.md).
+ *
+ * Numerics are MatMulNBits' accuracy_level 4 (what glm-export writes): activations are quantized to int8 per
+ * weight block (scale = max|x| / 127, round to nearest even), dot products are exact in int32, and each block's
+ * sum is scaled by (activation scale x weight scale) in float32.
+ *
+ * Layout (MatMulNBits, read in place, no repacking): B is [N][K/2] bytes, byte j of row n holds element 2j in its
+ * low nibble and 2j+1 in its high nibble; scales are [N][K/block] float; weight = (nibble - 8) * scale.
+ *
+ * The kernel splits the low and high nibbles of 64 bytes into two vectors (even and odd elements), so the
+ * activation is stored split the same way once per call (xe = x[0::2], xo = x[1::2]). A 4-byte lane then holds
+ * elements 8g..8g+7 of one block; `corr` starts each lane's int32 sum at -8 * (sum of its 8 activations), which
+ * removes the +8 offset of the nibbles without a subtract per weight.
+ *
+ * ONNX Runtime's C API is reached through its stable ABI: the dozen entry points this file calls are looked up by
+ * their slot in the OrtApi function table of API version 8 (the table is append-only; slots below 102 are
+ * "version 1, do not modify"), and the custom-op description is the version-8 layout. The header is not on PyPI,
+ * so these declarations are written here; RegisterCustomOps checks the table with a status round trip before
+ * using it.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define Q4_X86 1
+#endif
+
+/* ---------------------------------------------------------------- the ONNX Runtime ABI (API version 8) */
+
+#define ORT_API_VERSION_USED 8
+typedef void OrtStatus;
+typedef void (*AnyFn)(void);
+typedef struct OrtApiTable { AnyFn slot[102]; } OrtApiTable;   /* only the first 102 slots are read */
+typedef struct OrtApiBase {
+  const OrtApiTable *(*GetApi)(uint32_t version);
+  const char *(*GetVersionString)(void);
+} OrtApiBase;
+
+enum {
+  SLOT_CreateStatus = 0, SLOT_GetErrorMessage = 2, SLOT_CreateCustomOpDomain = 26, SLOT_CustomOpDomain_Add = 27,
+  SLOT_AddCustomOpDomain = 28, SLOT_GetTensorMutableData = 51, SLOT_GetDimensionsCount = 61,
+  SLOT_GetDimensions = 62, SLOT_GetTensorTypeAndShape = 65, SLOT_KernelInfoGetAttribute_int64 = 86,
+  SLOT_KernelContext_GetInputCount = 88, SLOT_KernelContext_GetInput = 90, SLOT_KernelContext_GetOutput = 91,
+  SLOT_ReleaseStatus = 93, SLOT_ReleaseTensorTypeAndShapeInfo = 99,
+};
+enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
+enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2 };
+
+static const OrtApiTable *ort;
+#define ORT_FN(index, type) ((type)ort->slot[index])
+typedef OrtStatus *(*CreateStatusFn)(int, const char *);
+typedef const char *(*GetErrorMessageFn)(const OrtStatus *);
+typedef void (*ReleaseFn)(void *);
+typedef OrtStatus *(*CreateDomainFn)(const char *, void **);
+typedef OrtStatus *(*DomainAddFn)(void *, const void *);
+typedef OrtStatus *(*AddDomainFn)(void *, void *);
+typedef OrtStatus *(*GetDataFn)(void *, void **);
+typedef OrtStatus *(*GetDimCountFn)(const void *, size_t *);
+typedef OrtStatus *(*GetDimsFn)(const void *, int64_t *, size_t);
+typedef OrtStatus *(*GetShapeFn)(const void *, void **);
+typedef OrtStatus *(*GetAttrIntFn)(const void *, const char *, int64_t *);
+typedef OrtStatus *(*GetCountFn)(const void *, size_t *);
+typedef OrtStatus *(*GetInputFn)(const void *, size_t, const void **);
+typedef OrtStatus *(*GetOutputFn)(void *, size_t, const int64_t *, size_t, void **);
+
+typedef struct CustomOp {              /* ONNX Runtime's custom-op description, version-8 layout */
+  uint32_t version;
+  void *(*CreateKernel)(const struct CustomOp *, const OrtApiTable *, const void *info);
+  const char *(*GetName)(const struct CustomOp *);
+  const char *(*GetExecutionProviderType)(const struct CustomOp *);
+  int (*GetInputType)(const struct CustomOp *, size_t);
+  size_t (*GetInputTypeCount)(const struct CustomOp *);
+  int (*GetOutputType)(const struct CustomOp *, size_t);
+  size_t (*GetOutputTypeCount)(const struct CustomOp *);
+  void (*KernelCompute)(void *, void *context);
+  void (*KernelDestroy)(void *);
+  int (*GetInputCharacteristic)(const struct CustomOp *, size_t);
+  int (*GetOutputCharacteristic)(const struct CustomOp *, size_t);
+} CustomOp;
+
+static int status_failed(OrtStatus *st) {
+  if (!st) return 0;
+  ORT_FN(SLOT_ReleaseStatus, ReleaseFn)(st);
+  return 1;
+}
+
+/* ---------------------------------------------------------------- the activation, quantized per block */
+
+typedef struct {
+  int K, bs;
+  int8_t *xe, *xo;   /* K/2 each: even / odd elements */
+  int32_t *corr;     /* K/8 lanes: -8 * sum of the lane's 8 activations */
+  float *sl;         /* K/8 lanes: the activation scale of the lane's block */
+} Act;
+
+static size_t act_bytes(int K) { return (size_t)K + (size_t)(K / 8) * 8 + 64; }
+
+static void act_prepare(const float *x, int K, int bs, unsigned char *mem, Act *a) {
+  a->K = K; a->bs = bs;
+  a->xe = (int8_t *)mem; a->xo = a->xe + K / 2;
+  a->corr = (int32_t *)(mem + (((size_t)K + 63) & ~(size_t)63));
+  a->sl = (float *)(a->corr + K / 8);
+  for (int b0 = 0; b0 < K; b0 += bs) {
+    float amax = 0.f;
+    for (int i = 0; i < bs; i++) { float v = fabsf(x[b0 + i]); amax = v > amax ? v : amax; }
+    const float s = amax / 127.f, inv = s > 0.f ? 1.f / s : 0.f;   /* as MLAS: x * (1 / scale), rounded to even */
+    for (int i = 0; i < bs; i += 2) {
+      float e = nearbyintf(x[b0 + i] * inv), o = nearbyintf(x[b0 + i + 1] * inv);
+      a->xe[(b0 + i) / 2] = (int8_t)(e > 127.f ? 127 : e < -127.f ? -127 : (int)e);
+      a->xo[(b0 + i) / 2] = (int8_t)(o > 127.f ? 127 : o < -127.f ? -127 : (int)o);
+    }
+    for (int g = b0 / 8; g < (b0 + bs) / 8; g++) a->sl[g] = s;
+  }
+  for (int g = 0; g < K / 8; g++) {
+    int sum = 0;
+    for (int t = 0; t < 4; t++) sum += a->xe[4 * g + t] + a->xo[4 * g + t];
+    a->corr[g] = -8 * sum;
+  }
+}
+
+/* ---------------------------------------------------------------- kernels: y[n0:n1] = x . W[n0:n1]^T */
+
+/* Lanes g0.. of rows n0..n1 (the whole row from g0 = 0; the tail after a SIMD kernel otherwise). */
+static void rows_scalar(const Act *a, const uint8_t *B, const float *S, int n0, int n1, float *y, int g0, int add) {
+  const int K = a->K, bs = a->bs, nb = K / bs;
+  for (int n = n0; n < n1; n++) {
+    const uint8_t *w = B + (size_t)n * (K / 2);
+    float acc = 0.f;
+    for (int g = g0; g < K / 8; g++) {
+      int32_t s = a->corr[g];
+      for (int t = 0; t < 4; t++) {
+        const uint8_t byte = w[4 * g + t];
+        s += (int32_t)(byte & 15) * a->xe[4 * g + t] + (int32_t)(byte >> 4) * a->xo[4 * g + t];
+      }
+      acc += (float)s * a->sl[g] * S[(size_t)n * nb + (8 * g) / bs];
+    }
+    y[n] = add ? y[n] + acc : acc;
+  }
+}
+
+#define PREFETCH_AHEAD 2048
+
+#ifdef Q4_X86
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void rows_avx512vnni(const Act *a, const uint8_t *B, const float *S, int n0, int n1, float *y) {
+  const int K = a->K, bs = a->bs, nb = K / bs, nc = K / 128;
+  const __m512i m4 = _mm512_set1_epi8(15);
+  int idx[16];
+  for (int L = 0; L < 16; L++) idx[L] = bs <= 128 ? (8 * L) / bs : 0;
+  const __m512i pidx = _mm512_loadu_si512(idx);
+  const __mmask16 smask = (__mmask16)((1u << (bs <= 128 ? 128 / bs : 1)) - 1);
+#define Q4_CHUNK512(c, f) { \
+    const __m512i v = _mm512_loadu_si512(w + 64 * (c)); \
+    __m512i acc = _mm512_dpbusd_epi32(_mm512_loadu_si512(a->corr + 16 * (c)), _mm512_and_si512(v, m4), \
+                                      _mm512_loadu_si512(a->xe + 64 * (c))); \
+    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), _mm512_loadu_si512(a->xo + 64 * (c))); \
+    const __m512 sw = _mm512_permutexvar_ps(pidx, _mm512_maskz_loadu_ps(smask, s + (128 * (c)) / bs)); \
+    f = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(a->sl + 16 * (c))), sw, f); }
+  for (int n = n0; n < n1; n++) {
+    const uint8_t *w = B + (size_t)n * (K / 2);
+    const float *s = S + (size_t)n * nb;
+    __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
+    int c = 0;
+    for (; c + 2 <= nc; c += 2) {
+      _mm_prefetch((const char *)(w + 64 * c + PREFETCH_AHEAD), _MM_HINT_T0);
+      _mm_prefetch((const char *)(w + 64 * c + 64 + PREFETCH_AHEAD), _MM_HINT_T0);
+      Q4_CHUNK512(c, f0)
+      Q4_CHUNK512(c + 1, f1)
+    }
+    if (c < nc) Q4_CHUNK512(c, f0)
+    y[n] = _mm512_reduce_add_ps(_mm512_add_ps(f0, f1));
+  }
+#undef Q4_CHUNK512
+  if (K % 128) rows_scalar(a, B, S, n0, n1, y, nc * 16, 1);
+}
+
+/* Prefill (M > 1): 2 weight rows x 4 activation rows at a time, so each weight vector is unpacked once for 4 rows
+ * and each activation vector loaded once for 2 weight rows. Y rows are ystride floats apart. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void rows4_avx512vnni(const Act *a, const uint8_t *B, const float *S, int n0, int n1, float *Y, size_t ystride) {
+  const int K = a->K, bs = a->bs, nb = K / bs, nc = K / 128;
+  const __m512i m4 = _mm512_set1_epi8(15);
+  int idx[16];
+  for (int L = 0; L < 16; L++) idx[L] = bs <= 128 ? (8 * L) / bs : 0;
+  const __m512i pidx = _mm512_loadu_si512(idx);
+  const __mmask16 smask = (__mmask16)((1u << (bs <= 128 ? 128 / bs : 1)) - 1);
+  int n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    const uint8_t *w0 = B + (size_t)n * (K / 2), *w1 = w0 + K / 2;
+    const float *s0 = S + (size_t)n * nb, *s1 = s0 + nb;
+    __m512 f[4][2];
+    for (int r = 0; r < 4; r++) f[r][0] = f[r][1] = _mm512_setzero_ps();
+    for (int c = 0; c < nc; c++) {
+      const __m512i v0 = _mm512_loadu_si512(w0 + 64 * c), v1 = _mm512_loadu_si512(w1 + 64 * c);
+      const __m512i lo0 = _mm512_and_si512(v0, m4), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
+      const __m512i lo1 = _mm512_and_si512(v1, m4), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
+      const __m512 sw0 = _mm512_permutexvar_ps(pidx, _mm512_maskz_loadu_ps(smask, s0 + (128 * c) / bs));
+      const __m512 sw1 = _mm512_permutexvar_ps(pidx, _mm512_maskz_loadu_ps(smask, s1 + (128 * c) / bs));
+      for (int r = 0; r < 4; r++) {
+        const Act *ar = a + r;
+        const __m512i xe = _mm512_loadu_si512(ar->xe + 64 * c), xo = _mm512_loadu_si512(ar->xo + 64 * c);
+        const __m512i cr = _mm512_loadu_si512(ar->corr + 16 * c);
+        const __m512 sl = _mm512_loadu_ps(ar->sl + 16 * c);
+        const __m512i a0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(cr, lo0, xe), hi0, xo);
+        const __m512i a1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(cr, lo1, xe), hi1, xo);
+        f[r][0] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a0), sl), sw0, f[r][0]);
+        f[r][1] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a1), sl), sw1, f[r][1]);
+      }
+    }
+    for (int r = 0; r < 4; r++) {
+      Y[r * ystride + n] = _mm512_reduce_add_ps(f[r][0]);
+      Y[r * ystride + n + 1] = _mm512_reduce_add_ps(f[r][1]);
+    }
+  }
+  for (int r = 0; r < 4; r++) {
+    if (K % 128) rows_scalar(a + r, B, S, n0, n, Y + r * ystride, nc * 16, 1);   /* the paired rows' tails */
+    if (n < n1) rows_avx512vnni(a + r, B, S, n, n1, Y + r * ystride);             /* an odd last row, whole */
+  }
+}
+
+/* AVX2 without VNNI: maddubs (u8 x s8 -> s16 pairs; 15 * 127 * 2 * 2 < 32767, so no saturation) then madd. */
+__attribute__((target("avx2,fma")))
+static void rows_avx2(const Act *a, const uint8_t *B, const float *S, int n0, int n1, float *y) {
+  const int K = a->K, bs = a->bs, nb = K / bs, nc = K / 64;
+  const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  int idx[8];
+  for (int L = 0; L < 8; L++) idx[L] = bs <= 64 ? (8 * L) / bs : 0;
+  const __m256i pidx = _mm256_loadu_si256((const __m256i *)idx);
+  const int ns = bs <= 64 ? 64 / bs : 1;
+  for (int n = n0; n < n1; n++) {
+    const uint8_t *w = B + (size_t)n * (K / 2);
+    const float *s = S + (size_t)n * nb;
+    __m256 f0 = _mm256_setzero_ps();
+    for (int c = 0; c < nc; c++) {
+      if ((c & 1) == 0) _mm_prefetch((const char *)(w + 32 * c + PREFETCH_AHEAD), _MM_HINT_T0);
+      const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * c));
+      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(a->xe + 32 * c))),
+                                         _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a->xo + 32 * c))));
+      const __m256i acc = _mm256_add_epi32(_mm256_madd_epi16(p, ones), _mm256_loadu_si256((const __m256i *)(a->corr + 8 * c)));
+      float sv[4] = {0.f, 0.f, 0.f, 0.f};
+      memcpy(sv, s + (64 * c) / bs, sizeof(float) * (size_t)ns);
+      const __m256 sw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sv)), pidx);
+      f0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(a->sl + 8 * c)), sw, f0);
+    }
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(f0), _mm256_extractf128_ps(f0, 1));
+    const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    y[n] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+  }
+  if (K % 64) rows_scalar(a, B, S, n0, n1, y, nc * 8, 1);
+}
+#endif
+
+typedef void (*RowsFn)(const Act *, const uint8_t *, const float *, int, int, float *);
+static void rows_scalar_fn(const Act *a, const uint8_t *B, const float *S, int n0, int n1, float *y) {
+  rows_scalar(a, B, S, n0, n1, y, 0, 0);
+}
+
+typedef void (*Rows4Fn)(const Act *, const uint8_t *, const float *, int, int, float *, size_t);
+static RowsFn rows_impl = rows_scalar_fn;
+static Rows4Fn rows4_impl;   /* NULL: prefill runs rows_impl once per activation row */
+static const char *isa_name = "scalar";
+
+static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
+static void choose_isa_once(void);
+static void choose_isa(void) { pthread_once(&isa_once, choose_isa_once); }
+static void choose_isa_once(void) {
+  const char *force = getenv("GLM_Q4_ISA");   /* tests run every path on one machine */
+#ifdef Q4_X86
+  __builtin_cpu_init();
+  const int has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  const int has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (force && strcmp(force, "scalar") == 0) return;
+  if (has512 && !(force && strcmp(force, "avx2") == 0)) {
+    rows_impl = rows_avx512vnni; rows4_impl = rows4_avx512vnni; isa_name = "avx512vnni"; return;
+  }
+  if (has2) { rows_impl = rows_avx2; isa_name = "avx2"; }
+#else
+  (void)force;
+#endif
+}
+
+/* ---------------------------------------------------------------- a small thread pool */
+
+/* ONNX Runtime's intra-op pool is not reachable through API version 8, so the kernel has its own: the calling
+ * thread plus (threads - 1) workers that spin briefly between calls (decode calls this op every ~0.1-1 ms) and
+ * then sleep. One job at a time; a second concurrent caller runs its job alone on its own thread. */
+
+#define MTILE 64   /* activation rows per prefill work item: 64 x ~8 KB (K = 4096) of quantized activations */
+
+typedef struct {
+  const Act *acts; int M; const uint8_t *B; const float *S; int N; float *Y;
+  int tiles, tile;          /* M == 1: contiguous row ranges per thread; M > 1: tiles of rows, taken in turn */
+  atomic_int next;
+} Job;
+
+static int pool_threads = 1;
+static pthread_t *workers;
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER, job_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+static Job *current;
+static atomic_uint generation;
+static atomic_int pending;
+static int started;
+
+static void run_share(Job *j, int who, int nthreads) {
+  if (j->M == 1) {
+    const int n0 = (int)((long long)j->N * who / nthreads), n1 = (int)((long long)j->N * (who + 1) / nthreads);
+    if (n1 > n0) rows_impl(&j->acts[0], j->B, j->S, n0, n1, j->Y);
+    return;
+  }
+  /* work items: (block of MTILE activation rows) x (tile of weight rows), activation blocks outermost so both
+   * threads share one block's activations in L2 while they stream different weight tiles */
+  const int ntiles = (j->N + j->tile - 1) / j->tile;
+  for (int t; (t = atomic_fetch_add(&j->next, 1)) < j->tiles;) {
+    const int mb = (t / ntiles) * MTILE, nt = t % ntiles;
+    const int m1 = mb + MTILE < j->M ? mb + MTILE : j->M;
+    const int n0 = nt * j->tile, n1 = n0 + j->tile < j->N ? n0 + j->tile : j->N;
+    int m = mb;
+    if (rows4_impl)
+      for (; m + 4 <= m1; m += 4) rows4_impl(&j->acts[m], j->B, j->S, n0, n1, j->Y + (size_t)m * j->N, (size_t)j->N);
+    for (; m < m1; m++) rows_impl(&j->acts[m], j->B, j->S, n0, n1, j->Y + (size_t)m * j->N);
+  }
+}
+
+/* How long a worker spins before it sleeps: a decode step calls the kernel 4 times per layer with 0.05-0.3 ms of
+ * other ops between; on GLM-4-9B 0.3-10 ms all gave the same speed within noise. */
+static const double spin_seconds = 1e-3;
+static double now_seconds(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static void *worker_main(void *arg) {
+  const int who = (int)(intptr_t)arg;
+  unsigned seen = atomic_load(&generation);
+  for (;;) {
+    const double until = now_seconds() + spin_seconds;
+    for (int spins = 0; atomic_load_explicit(&generation, memory_order_acquire) == seen; spins++) {
+#ifdef Q4_X86
+      _mm_pause();
+#endif
+      if ((spins & 63) == 63 && now_seconds() > until) break;
+    }
+    if (atomic_load_explicit(&generation, memory_order_acquire) == seen) {
+      pthread_mutex_lock(&pool_lock);
+      while (atomic_load(&generation) == seen) pthread_cond_wait(&pool_wake, &pool_lock);
+      pthread_mutex_unlock(&pool_lock);
+    }
+    seen = atomic_load(&generation);
+    run_share(current, who, pool_threads);
+    atomic_fetch_sub_explicit(&pending, 1, memory_order_release);
+  }
+  return NULL;
+}
+
+/* Called once, before the first session; later calls are ignored (the pool cannot shrink safely). */
+int glm_q4_set_threads(int n) {
+  pthread_mutex_lock(&pool_lock);
+  if (!started) {
+    pool_threads = n < 1 ? 1 : n > 256 ? 256 : n;
+    if (pool_threads > 1) {
+      workers = calloc((size_t)pool_threads, sizeof(pthread_t));
+      for (int i = 1; workers && i < pool_threads; i++)
+        if (pthread_create(&workers[i], NULL, worker_main, (void *)(intptr_t)i) != 0) { pool_threads = i; break; }
+    }
+    started = 1;
+  }
+  const int got = pool_threads;
+  pthread_mutex_unlock(&pool_lock);
+  return got;
+}
+
+const char *glm_q4_isa(void) { choose_isa(); return isa_name; }
+
+static void run_job(Job *j) {
+  if (pool_threads > 1 && pthread_mutex_trylock(&job_lock) == 0) {
+    current = j;
+    atomic_store(&pending, pool_threads - 1);
+    pthread_mutex_lock(&pool_lock);
+    atomic_fetch_add_explicit(&generation, 1, memory_order_release);
+    pthread_cond_broadcast(&pool_wake);
+    pthread_mutex_unlock(&pool_lock);
+    run_share(j, 0, pool_threads);
+    while (atomic_load_explicit(&pending, memory_order_acquire) > 0) {
+#ifdef Q4_X86
+      _mm_pause();
+#endif
+    }
+    pthread_mutex_unlock(&job_lock);
+    return;
+  }
+  run_share(j, 0, 1);
+}
+
+/* The whole product, callable without ONNX Runtime (tests, benchmarks). X [M][K] float, Y [M][N] float. */
+int glm_q4_matmul(const float *X, int M, int K, const uint8_t *B, const float *S, int N, int bs, float *Y) {
+  if (M < 0 || K <= 0 || N <= 0 || bs < 16 || (bs & (bs - 1)) || K % bs) return -1;
+  if (M == 0) return 0;
+  choose_isa();
+  const size_t per = act_bytes(K);
+  unsigned char *mem = aligned_alloc(64, ((per * (size_t)M) + 63) & ~(size_t)63);
+  Act *acts = malloc(sizeof(Act) * (size_t)M);
+  if (!mem || !acts) { free(mem); free(acts); return -2; }
+  for (int m = 0; m < M; m++) act_prepare(X + (size_t)m * K, K, bs, mem + per * (size_t)m, &acts[m]);
+  Job j = {.acts = acts, .M = M, .B = B, .S = S, .N = N, .Y = Y, .tile = 64};
+  j.tiles = ((N + j.tile - 1) / j.tile) * ((M + MTILE - 1) / MTILE);
+  atomic_init(&j.next, 0);
+  run_job(&j);
+  free(mem); free(acts);
+  return 0;
+}
+
+/* ---------------------------------------------------------------- the custom op */
+
+typedef struct { int64_t K, N, bs; } Kernel;
+static atomic_long op_unsupported;
+
+/* MatMulNBits nodes this kernel was asked to create and cannot run as ONNX Runtime would: glm_runtime reads the
+ * count right after the session is created and, if it is not 0, creates the session again without this library. */
+long glm_q4_unsupported(void) { return atomic_load(&op_unsupported); }
+
+static void *create_kernel(const CustomOp *op, const OrtApiTable *api, const void *info) {
+  (void)op; (void)api;
+  Kernel *k = calloc(1, sizeof(Kernel));
+  int64_t bits = 0, level = 0;
+  if (!k) return NULL;
+  GetAttrIntFn attr = ORT_FN(SLOT_KernelInfoGetAttribute_int64, GetAttrIntFn);
+  const int ok = !status_failed(attr(info, "K", &k->K)) && !status_failed(attr(info, "N", &k->N)) &&
+                 !status_failed(attr(info, "block_size", &k->bs)) && !status_failed(attr(info, "bits", &bits)) &&
+                 !status_failed(attr(info, "accuracy_level", &level)) &&
+                 bits == 4 && level == 4 && k->K > 0 && k->K <= INT32_MAX && k->N > 0 && k->N <= INT32_MAX &&
+                 k->bs >= 16 && k->bs <= 4096 && (k->bs & (k->bs - 1)) == 0 && k->K % k->bs == 0;
+  if (!ok) {
+    k->K = 0;   /* never run: compute would fill the output with NaN */
+    atomic_fetch_add(&op_unsupported, 1);
+  }
+  return k;
+}
+
+static void fill_nan(float *y, size_t n) { for (size_t i = 0; i < n; i++) y[i] = NAN; }
+
+static atomic_long op_calls, op_nanos;
+
+/* Nanoseconds spent inside the kernel (activation quantization + the product), for profiling beside ORT's. */
+long glm_q4_nanos(void) { return atomic_load(&op_nanos); }
+
+/* How many times ONNX Runtime has run this kernel: glm_runtime checks the library is in use, not shadowed. */
+long glm_q4_calls(void) { return atomic_load(&op_calls); }
+
+static void compute(void *kernel, void *ctx) {
+  const Kernel *k = kernel;
+  atomic_fetch_add(&op_calls, 1);
+  const void *in[3];
+  void *info = NULL, *out = NULL;
+  size_t nin = 0, rank = 0;
+  int64_t dims[8];
+  const double t0 = now_seconds();
+  if (status_failed(ORT_FN(SLOT_KernelContext_GetInputCount, GetCountFn)(ctx, &nin)) || nin != 3) return;
+  for (size_t i = 0; i < 3; i++)
+    if (status_failed(ORT_FN(SLOT_KernelContext_GetInput, GetInputFn)(ctx, i, &in[i])) || !in[i]) return;
+  if (status_failed(ORT_FN(SLOT_GetTensorTypeAndShape, GetShapeFn)(in[0], &info))) return;
+  int ok = !status_failed(ORT_FN(SLOT_GetDimensionsCount, GetDimCountFn)(info, &rank)) && rank >= 1 && rank <= 8 &&
+           !status_failed(ORT_FN(SLOT_GetDimensions, GetDimsFn)(info, dims, rank));
+  ORT_FN(SLOT_ReleaseTensorTypeAndShapeInfo, ReleaseFn)(info);
+  if (!ok) return;
+  int64_t M = 1;
+  for (size_t i = 0; i + 1 < rank; i++) M *= dims[i];
+  dims[rank - 1] = k->N;
+  if (status_failed(ORT_FN(SLOT_KernelContext_GetOutput, GetOutputFn)(ctx, 0, dims, rank, &out))) return;
+  float *y = NULL; void *x = NULL, *b = NULL, *s = NULL;
+  GetDataFn data = ORT_FN(SLOT_GetTensorMutableData, GetDataFn);
+  if (status_failed(data(out, (void **)&y))) return;
+  if (status_failed(data((void *)in[0], &x)) || status_failed(data((void *)in[1], &b)) ||
+      status_failed(data((void *)in[2], &s)) || k->K <= 0 || M > INT32_MAX ||
+      glm_q4_matmul(x, (int)M, (int)k->K, b, s, (int)k->N, (int)k->bs, y) != 0)
+    fill_nan(y, (size_t)M * (size_t)k->N);
+  atomic_fetch_add(&op_nanos, (long)((now_seconds() - t0) * 1e9));
+}
+
+static void destroy_kernel(void *kernel) { free(kernel); }
+static const char *op_name(const CustomOp *op) { (void)op; return "MatMulNBits"; }
+static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int input_type(const CustomOp *op, size_t i) { (void)op; return i == 1 ? TYPE_UINT8 : TYPE_FLOAT; }
+static size_t input_count(const CustomOp *op) { (void)op; return 3; }
+static int output_type(const CustomOp *op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
+static size_t output_count(const CustomOp *op) { (void)op; return 1; }
+static int required(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; }
+
+static const CustomOp q4_op = {
+  ORT_API_VERSION_USED, create_kernel, op_name, op_provider, input_type, input_count, output_type, output_count,
+  compute, destroy_kernel, required, required,
+};
+
+static void *domain;
+static pthread_mutex_t register_lock = PTHREAD_MUTEX_INITIALIZER;
+static atomic_int registered;
+
+/* Whether RegisterCustomOps found the ABI it expects and added the kernel (else ONNX Runtime's runs). */
+int glm_q4_registered(void) { return atomic_load(&registered); }
+
+OrtStatus *RegisterCustomOps(void *session_options, const OrtApiBase *base) {
+  ort = base->GetApi(ORT_API_VERSION_USED);
+  if (!ort) return NULL;
+  /* ABI check: a status made by slot 0 must read back through slot 2 */
+  OrtStatus *probe = ORT_FN(SLOT_CreateStatus, CreateStatusFn)(ORT_INVALID_ARGUMENT, "glm-q4-probe");
+  const char *msg = probe ? ORT_FN(SLOT_GetErrorMessage, GetErrorMessageFn)(probe) : NULL;
+  const int abi_ok = msg && strcmp(msg, "glm-q4-probe") == 0;
+  if (probe) ORT_FN(SLOT_ReleaseStatus, ReleaseFn)(probe);
+  if (!abi_ok) return NULL;   /* cannot even build a status to say so; glm_runtime checks the op ran */
+  choose_isa();
+  OrtStatus *st = NULL;
+  pthread_mutex_lock(&register_lock);
+  if (!domain) {
+    void *d = NULL;
+    st = ORT_FN(SLOT_CreateCustomOpDomain, CreateDomainFn)("com.microsoft", &d);
+    if (!st) st = ORT_FN(SLOT_CustomOpDomain_Add, DomainAddFn)(d, &q4_op);
+    if (!st) domain = d;   /* on failure the half-made domain is leaked: a few bytes, once */
+  }
+  if (!st) st = ORT_FN(SLOT_AddCustomOpDomain, AddDomainFn)(session_options, domain);
+  if (!st) atomic_store(&registered, 1);
+  pthread_mutex_unlock(&register_lock);
+  return st;
+}
