@@ -229,6 +229,88 @@ static void rows4_avx512vnni(const Act *a, const uint8_t *B, const float *S, int
   }
 }
 
+/* Prefill of many rows (M >= GEMM_MIN_M): 32 weight rows are unpacked once into a scratch laid out across rows
+ * (16 rows x 4 bytes per vector), then every activation row of the work item runs against it with the activation
+ * broadcast 4 bytes at a time, so one vpdpbusd does 64 useful products and the int32 sums are scaled once per
+ * block instead of once per 128 weights. The 4 bytes are the split-nibble groups of the decode kernel: even
+ * quad g = elements 8g + {0,2,4,6} (xe[4g..4g+3], the low nibbles of bytes 4g..4g+3), odd quad = the high ones. */
+#define GEMM_MIN_M 16
+#define GEMM_NT 32
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void gemm_avx512vnni(const Act *acts, int m0, int m1, const uint8_t *B, const float *S, int N, int n0,
+                            int n1, float *Y, size_t ystride) {
+  const int K = acts[m0].K, bs = acts[m0].bs, nb = K / bs, ng = K / 8, gpb = bs / 8;
+  uint32_t *E = aligned_alloc(64, (size_t)ng * GEMM_NT * 4 * 2 + (size_t)nb * GEMM_NT * 4);
+  if (!E) {   /* no scratch: the per-row kernel, same numbers up to summation order */
+    for (int m = m0; m < m1; m++) rows_avx512vnni(&acts[m], B, S, n0, n1, Y + (size_t)m * ystride);
+    return;
+  }
+  uint32_t *O = E + (size_t)ng * GEMM_NT;
+  float *St = (float *)(O + (size_t)ng * GEMM_NT);
+  (void)N;
+  for (int t0 = n0; t0 < n1; t0 += GEMM_NT) {
+    const int nt = n1 - t0 < GEMM_NT ? n1 - t0 : GEMM_NT;
+    /* unpack: one 16-row gather of 4 bytes per quad group, split into low / high nibbles */
+    const __m512i m4 = _mm512_set1_epi32(0x0F0F0F0F);
+    for (int h = 0; h < 2; h++) {
+      const int rows = nt - 16 * h < 0 ? 0 : nt - 16 * h > 16 ? 16 : nt - 16 * h;
+      const __mmask16 k = (__mmask16)(rows >= 16 ? 0xFFFF : (1u << rows) - 1);
+      const __m512i vindex = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(K / 2));
+      const uint8_t *base = B + (size_t)(t0 + 16 * h) * (K / 2);
+      for (int g = 0; g < ng; g++) {
+        const __m512i v = rows ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, vindex, base + 4 * g, 1)
+                               : _mm512_setzero_si512();
+        _mm512_store_si512(E + (size_t)g * GEMM_NT + 16 * h, _mm512_and_si512(v, m4));
+        _mm512_store_si512(O + (size_t)g * GEMM_NT + 16 * h, _mm512_and_si512(_mm512_srli_epi32(v, 4), m4));
+      }
+    }
+    for (int r = 0; r < GEMM_NT; r++)
+      for (int b = 0; b < nb; b++) St[(size_t)b * GEMM_NT + r] = r < nt ? S[(size_t)(t0 + r) * nb + b] : 0.f;
+    int m = m0;
+    for (; m + 4 <= m1; m += 4) {
+      __m512 f[4][2];
+      for (int i = 0; i < 4; i++) f[i][0] = f[i][1] = _mm512_setzero_ps();
+      for (int b = 0; b < nb; b++) {
+        __m512i acc[4][2];
+        for (int i = 0; i < 4; i++) {
+          int32_t c = 0;
+          for (int g = b * gpb; g < (b + 1) * gpb; g++) c += acts[m + i].corr[g];
+          acc[i][0] = acc[i][1] = _mm512_set1_epi32(c);
+        }
+        for (int g = b * gpb; g < (b + 1) * gpb; g++) {
+          const __m512i e0 = _mm512_load_si512(E + (size_t)g * GEMM_NT), e1 = _mm512_load_si512(E + (size_t)g * GEMM_NT + 16);
+          const __m512i o0 = _mm512_load_si512(O + (size_t)g * GEMM_NT), o1 = _mm512_load_si512(O + (size_t)g * GEMM_NT + 16);
+          for (int i = 0; i < 4; i++) {
+            int32_t xe4, xo4;
+            memcpy(&xe4, acts[m + i].xe + 4 * g, 4);
+            memcpy(&xo4, acts[m + i].xo + 4 * g, 4);
+            const __m512i xe = _mm512_set1_epi32(xe4), xo = _mm512_set1_epi32(xo4);
+            acc[i][0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[i][0], e0, xe), o0, xo);
+            acc[i][1] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[i][1], e1, xe), o1, xo);
+          }
+        }
+        const __m512 s0 = _mm512_load_ps(St + (size_t)b * GEMM_NT), s1 = _mm512_load_ps(St + (size_t)b * GEMM_NT + 16);
+        for (int i = 0; i < 4; i++) {
+          const __m512 sx = _mm512_set1_ps(acts[m + i].sl[b * gpb]);
+          f[i][0] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][0]), sx), s0, f[i][0]);
+          f[i][1] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][1]), sx), s1, f[i][1]);
+        }
+      }
+      const __mmask16 k0 = (__mmask16)(nt >= 16 ? 0xFFFF : (1u << nt) - 1);
+      const __mmask16 k1 = (__mmask16)(nt >= 32 ? 0xFFFF : nt > 16 ? (1u << (nt - 16)) - 1 : 0);
+      for (int i = 0; i < 4; i++) {
+        float *y = Y + (size_t)(m + i) * ystride + t0;
+        _mm512_mask_storeu_ps(y, k0, f[i][0]);
+        _mm512_mask_storeu_ps(y + 16, k1, f[i][1]);
+      }
+    }
+    for (; m < m1; m++) rows_avx512vnni(&acts[m], B, S, t0, t0 + nt, Y + (size_t)m * ystride);
+  }
+  free(E);
+}
+
 /* AVX2 without VNNI: maddubs (u8 x s8 -> s16 pairs; 15 * 127 * 2 * 2 < 32767, so no saturation) then madd. */
 __attribute__((target("avx2,fma")))
 static void rows_avx2(const Act *a, const uint8_t *B, const float *S, int n0, int n1, float *y) {
@@ -270,6 +352,8 @@ static void rows_scalar_fn(const Act *a, const uint8_t *B, const float *S, int n
 typedef void (*Rows4Fn)(const Act *, const uint8_t *, const float *, int, int, float *, size_t);
 static RowsFn rows_impl = rows_scalar_fn;
 static Rows4Fn rows4_impl;   /* NULL: prefill runs rows_impl once per activation row */
+typedef void (*GemmFn)(const Act *, int, int, const uint8_t *, const float *, int, int, int, float *, size_t);
+static GemmFn gemm_impl;     /* NULL: no across-rows prefill kernel on this path */
 static const char *isa_name = "scalar";
 
 static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
@@ -284,7 +368,8 @@ static void choose_isa_once(void) {
   const int has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (force && strcmp(force, "scalar") == 0) return;
   if (has512 && !(force && strcmp(force, "avx2") == 0)) {
-    rows_impl = rows_avx512vnni; rows4_impl = rows4_avx512vnni; isa_name = "avx512vnni"; return;
+    rows_impl = rows_avx512vnni; rows4_impl = rows4_avx512vnni; gemm_impl = gemm_avx512vnni;
+    isa_name = "avx512vnni"; return;
   }
   if (has2) { rows_impl = rows_avx2; isa_name = "avx2"; }
 #else
@@ -329,6 +414,10 @@ static void run_share(Job *j, int who, int nthreads) {
     const int m1 = mb + MTILE < j->M ? mb + MTILE : j->M;
     const int n0 = nt * j->tile, n1 = n0 + j->tile < j->N ? n0 + j->tile : j->N;
     int m = mb;
+    if (gemm_impl && j->M >= GEMM_MIN_M) {
+      gemm_impl(j->acts, mb, m1, j->B, j->S, j->N, n0, n1, j->Y, (size_t)j->N);
+      continue;
+    }
     if (rows4_impl)
       for (; m + 4 <= m1; m += 4) rows4_impl(&j->acts[m], j->B, j->S, n0, n1, j->Y + (size_t)m * j->N, (size_t)j->N);
     for (; m < m1; m++) rows_impl(&j->acts[m], j->B, j->S, n0, n1, j->Y + (size_t)m * j->N);

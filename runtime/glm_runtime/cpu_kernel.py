@@ -63,6 +63,8 @@ def configure(opts: Any, kernel: Q4Kernel) -> list[str]:
     return ["MatMulNBitsFusion"]
 
 
+# Held for the life of the process: the ctypes handle keeps the library mapped (its pool's threads run its code)
+# even when ONNX Runtime drops its own handle with a session's options.
 _loaded: Q4Kernel | None = None
 _lock = threading.Lock()
 
