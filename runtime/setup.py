@@ -1,6 +1,6 @@
 """The one compiled part of glm-runtime: csrc/q4_matmul.c, ONNX Runtime's int4 MatMulNBits done faster on x86 CPUs
 (glm_runtime/cpu_kernel.py). Optional: without a C compiler the install still succeeds and the runtime uses ONNX
-Runtime's own kernel (``glm-runtime info`` says which)."""
+Runtime's own kernel (``glm-runtime env`` says which)."""
 
 from setuptools import Extension, setup
 
