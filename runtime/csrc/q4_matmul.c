@@ -152,20 +152,33 @@ static void rows_scalar(const Act *a, const uint8_t *B, const float *S, int n0, 
 #define PREFETCH_AHEAD 2048
 
 #ifdef Q4_X86
+/* The weight scales of a 128-element chunk spread over its 16 lanes: lane L holds elements 8L..8L+7 (of the
+ * chunk), which lie in block (8L)/bs of it; one masked load of the chunk's scales, one permute. */
+typedef struct { __m512i idx; __mmask16 mask; } ScaleLanes512;
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static ScaleLanes512 scale_lanes512(int bs) {
+  int idx[16];
+  for (int L = 0; L < 16; L++) idx[L] = bs <= 128 ? (8 * L) / bs : 0;
+  return (ScaleLanes512){_mm512_loadu_si512(idx), (__mmask16)((1u << (bs <= 128 ? 128 / bs : 1)) - 1)};
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static inline __m512 chunk_scales512(ScaleLanes512 l, const float *row_scales, int c, int bs) {
+  return _mm512_permutexvar_ps(l.idx, _mm512_maskz_loadu_ps(l.mask, row_scales + (128 * c) / bs));
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 static void rows_avx512vnni(const Act *a, const uint8_t *B, const float *S, int n0, int n1, float *y) {
   const int K = a->K, bs = a->bs, nb = K / bs, nc = K / 128;
   const __m512i m4 = _mm512_set1_epi8(15);
-  int idx[16];
-  for (int L = 0; L < 16; L++) idx[L] = bs <= 128 ? (8 * L) / bs : 0;
-  const __m512i pidx = _mm512_loadu_si512(idx);
-  const __mmask16 smask = (__mmask16)((1u << (bs <= 128 ? 128 / bs : 1)) - 1);
+  const ScaleLanes512 lanes = scale_lanes512(bs);
 #define Q4_CHUNK512(c, f) { \
     const __m512i v = _mm512_loadu_si512(w + 64 * (c)); \
     __m512i acc = _mm512_dpbusd_epi32(_mm512_loadu_si512(a->corr + 16 * (c)), _mm512_and_si512(v, m4), \
                                       _mm512_loadu_si512(a->xe + 64 * (c))); \
     acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), _mm512_loadu_si512(a->xo + 64 * (c))); \
-    const __m512 sw = _mm512_permutexvar_ps(pidx, _mm512_maskz_loadu_ps(smask, s + (128 * (c)) / bs)); \
+    const __m512 sw = chunk_scales512(lanes, s, (c), bs); \
     f = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(a->sl + 16 * (c))), sw, f); }
   for (int n = n0; n < n1; n++) {
     const uint8_t *w = B + (size_t)n * (K / 2);
@@ -191,10 +204,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 static void rows4_avx512vnni(const Act *a, const uint8_t *B, const float *S, int n0, int n1, float *Y, size_t ystride) {
   const int K = a->K, bs = a->bs, nb = K / bs, nc = K / 128;
   const __m512i m4 = _mm512_set1_epi8(15);
-  int idx[16];
-  for (int L = 0; L < 16; L++) idx[L] = bs <= 128 ? (8 * L) / bs : 0;
-  const __m512i pidx = _mm512_loadu_si512(idx);
-  const __mmask16 smask = (__mmask16)((1u << (bs <= 128 ? 128 / bs : 1)) - 1);
+  const ScaleLanes512 lanes = scale_lanes512(bs);
   int n = n0;
   for (; n + 2 <= n1; n += 2) {
     const uint8_t *w0 = B + (size_t)n * (K / 2), *w1 = w0 + K / 2;
@@ -205,8 +215,7 @@ static void rows4_avx512vnni(const Act *a, const uint8_t *B, const float *S, int
       const __m512i v0 = _mm512_loadu_si512(w0 + 64 * c), v1 = _mm512_loadu_si512(w1 + 64 * c);
       const __m512i lo0 = _mm512_and_si512(v0, m4), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
       const __m512i lo1 = _mm512_and_si512(v1, m4), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
-      const __m512 sw0 = _mm512_permutexvar_ps(pidx, _mm512_maskz_loadu_ps(smask, s0 + (128 * c) / bs));
-      const __m512 sw1 = _mm512_permutexvar_ps(pidx, _mm512_maskz_loadu_ps(smask, s1 + (128 * c) / bs));
+      const __m512 sw0 = chunk_scales512(lanes, s0, c, bs), sw1 = chunk_scales512(lanes, s1, c, bs);
       for (int r = 0; r < 4; r++) {
         const Act *ar = a + r;
         const __m512i xe = _mm512_loadu_si512(ar->xe + 64 * c), xo = _mm512_loadu_si512(ar->xo + 64 * c);
@@ -542,10 +551,7 @@ static void *create_kernel(const CustomOp *op, const OrtApiTable *api, const voi
 
 static void fill_nan(float *y, size_t n) { for (size_t i = 0; i < n; i++) y[i] = NAN; }
 
-static atomic_long op_calls, op_nanos;
-
-/* Nanoseconds spent inside the kernel (activation quantization + the product), for profiling beside ORT's. */
-long glm_q4_nanos(void) { return atomic_load(&op_nanos); }
+static atomic_long op_calls;
 
 /* How many times ONNX Runtime has run this kernel: glm_runtime checks the library is in use, not shadowed. */
 long glm_q4_calls(void) { return atomic_load(&op_calls); }
@@ -557,7 +563,6 @@ static void compute(void *kernel, void *ctx) {
   void *info = NULL, *out = NULL;
   size_t nin = 0, rank = 0;
   int64_t dims[8];
-  const double t0 = now_seconds();
   if (status_failed(ORT_FN(SLOT_KernelContext_GetInputCount, GetCountFn)(ctx, &nin)) || nin != 3) return;
   for (size_t i = 0; i < 3; i++)
     if (status_failed(ORT_FN(SLOT_KernelContext_GetInput, GetInputFn)(ctx, i, &in[i])) || !in[i]) return;
@@ -577,7 +582,6 @@ static void compute(void *kernel, void *ctx) {
       status_failed(data((void *)in[2], &s)) || k->K <= 0 || M > INT32_MAX ||
       glm_q4_matmul(x, (int)M, (int)k->K, b, s, (int)k->N, (int)k->bs, y) != 0)
     fill_nan(y, (size_t)M * (size_t)k->N);
-  atomic_fetch_add(&op_nanos, (long)((now_seconds() - t0) * 1e9));
 }
 
 static void destroy_kernel(void *kernel) { free(kernel); }
