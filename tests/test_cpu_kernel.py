@@ -276,3 +276,31 @@ def test_engine_without_the_library(int4_art: Path, monkeypatch: pytest.MonkeyPa
     assert hostinfo.int4_kernel_info() == {"built": False}
     assert "int4 kernel: not built" in hostinfo.render(hostinfo.collect())
     json.dumps(hostinfo.collect())
+
+
+def test_weights_that_do_not_match_their_node_are_refused(int4_art: Path, tmp_path: Path) -> None:
+    """An artifact is untrusted: a MatMulNBits whose weight tensor is shorter than K, N and the block say must not
+    be read past its end. The kernel refuses the run (it sees the tensors only then), the engine's load-time step
+    notices, and the artifact goes to ONNX Runtime's kernel, whose load check names the tensor: one ArtifactError,
+    as with --int4-kernel ort."""
+    import onnx
+    from onnx import numpy_helper
+
+    from glm_runtime.api import load
+    from glm_runtime.manifest import ArtifactError
+
+    kernel = cpu_kernel.load(2)
+    if kernel is None:
+        pytest.skip("the kernel does not run on this CPU (no AVX2)")
+    art = tmp_path / "cut"
+    shutil.copytree(int4_art, art)
+    model = onnx.load(str(art / "model.onnx"))
+    weight = next(t for t in model.graph.initializer if t.name.endswith("gate_up.weight_nbits"))
+    rows = numpy_helper.to_array(weight)
+    weight.CopyFrom(numpy_helper.from_array(rows[: rows.shape[0] // 2].copy(), weight.name))
+    onnx.save(model, str(art / "model.onnx"))
+    refused = kernel.bad_inputs()
+    for mode in ("auto", "ort"):
+        with pytest.raises(ArtifactError, match="does not match attribute-derived shape"):
+            load(art, threads=2, verify="none", int4_kernel=mode)
+    assert kernel.bad_inputs() == refused + 1

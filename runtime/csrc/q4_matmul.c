@@ -551,37 +551,64 @@ static void *create_kernel(const CustomOp *op, const OrtApiTable *api, const voi
 
 static void fill_nan(float *y, size_t n) { for (size_t i = 0; i < n; i++) y[i] = NAN; }
 
-static atomic_long op_calls;
+static atomic_long op_calls, op_bad_inputs;
+
+/* Calls refused because the node's tensors do not match its attributes (see compute). */
+long glm_q4_bad_inputs(void) { return atomic_load(&op_bad_inputs); }
 
 /* How many times ONNX Runtime has run this kernel: glm_runtime checks the library is in use, not shadowed. */
 long glm_q4_calls(void) { return atomic_load(&op_calls); }
 
+/* Elements of a tensor (-1 when its shape cannot be read). */
+static int64_t element_count(const void *value, int64_t *last_dim) {
+  void *info = NULL;
+  size_t rank = 0;
+  int64_t dims[8], n = -1;
+  if (status_failed(ORT_FN(SLOT_GetTensorTypeAndShape, GetShapeFn)(value, &info))) return -1;
+  if (!status_failed(ORT_FN(SLOT_GetDimensionsCount, GetDimCountFn)(info, &rank)) && rank >= 1 && rank <= 8 &&
+      !status_failed(ORT_FN(SLOT_GetDimensions, GetDimsFn)(info, dims, rank))) {
+    n = 1;
+    for (size_t i = 0; i < rank; i++) n = dims[i] < 0 || (dims[i] && n > INT64_MAX / dims[i]) ? -1 : n * dims[i];
+    if (last_dim) *last_dim = dims[rank - 1];
+  }
+  ORT_FN(SLOT_ReleaseTensorTypeAndShapeInfo, ReleaseFn)(info);
+  return n;
+}
+
+/* The weights come from the artifact, which is untrusted: B and the scales must hold exactly what K, N and the
+ * block size say (ONNX Runtime's own kernel checks the same when it pre-packs them), and A's rows must be K long.
+ * When they do not, the kernel creates no output, so the run fails with ONNX Runtime's error instead of reading
+ * past a buffer; the engine reports that as a broken artifact. */
 static void compute(void *kernel, void *ctx) {
   const Kernel *k = kernel;
   atomic_fetch_add(&op_calls, 1);
   const void *in[3];
-  void *info = NULL, *out = NULL;
+  void *out = NULL, *info = NULL;
   size_t nin = 0, rank = 0;
-  int64_t dims[8];
-  if (status_failed(ORT_FN(SLOT_KernelContext_GetInputCount, GetCountFn)(ctx, &nin)) || nin != 3) return;
+  int64_t dims[8], a_last = -1;
+  if (k->K <= 0 || status_failed(ORT_FN(SLOT_KernelContext_GetInputCount, GetCountFn)(ctx, &nin)) || nin != 3) return;
   for (size_t i = 0; i < 3; i++)
     if (status_failed(ORT_FN(SLOT_KernelContext_GetInput, GetInputFn)(ctx, i, &in[i])) || !in[i]) return;
-  if (status_failed(ORT_FN(SLOT_GetTensorTypeAndShape, GetShapeFn)(in[0], &info))) return;
-  int ok = !status_failed(ORT_FN(SLOT_GetDimensionsCount, GetDimCountFn)(info, &rank)) && rank >= 1 && rank <= 8 &&
-           !status_failed(ORT_FN(SLOT_GetDimensions, GetDimsFn)(info, dims, rank));
+  const int64_t a_count = element_count(in[0], &a_last);
+  if (a_count < 0 || a_last != k->K || element_count(in[1], NULL) != k->N * (k->K / 2) ||
+      element_count(in[2], NULL) != k->N * (k->K / k->bs)) {
+    atomic_fetch_add(&op_bad_inputs, 1);
+    return;
+  }
+  const int64_t M = a_count / k->K;
+  if (M > INT32_MAX || status_failed(ORT_FN(SLOT_GetTensorTypeAndShape, GetShapeFn)(in[0], &info))) return;
+  const int ok = !status_failed(ORT_FN(SLOT_GetDimensionsCount, GetDimCountFn)(info, &rank)) && rank >= 1 &&
+                 rank <= 8 && !status_failed(ORT_FN(SLOT_GetDimensions, GetDimsFn)(info, dims, rank));
   ORT_FN(SLOT_ReleaseTensorTypeAndShapeInfo, ReleaseFn)(info);
   if (!ok) return;
-  int64_t M = 1;
-  for (size_t i = 0; i + 1 < rank; i++) M *= dims[i];
   dims[rank - 1] = k->N;
   if (status_failed(ORT_FN(SLOT_KernelContext_GetOutput, GetOutputFn)(ctx, 0, dims, rank, &out))) return;
   float *y = NULL; void *x = NULL, *b = NULL, *s = NULL;
   GetDataFn data = ORT_FN(SLOT_GetTensorMutableData, GetDataFn);
   if (status_failed(data(out, (void **)&y))) return;
   if (status_failed(data((void *)in[0], &x)) || status_failed(data((void *)in[1], &b)) ||
-      status_failed(data((void *)in[2], &s)) || k->K <= 0 || M > INT32_MAX ||
-      glm_q4_matmul(x, (int)M, (int)k->K, b, s, (int)k->N, (int)k->bs, y) != 0)
-    fill_nan(y, (size_t)M * (size_t)k->N);
+      status_failed(data((void *)in[2], &s)) || glm_q4_matmul(x, (int)M, (int)k->K, b, s, (int)k->N, (int)k->bs, y))
+    fill_nan(y, (size_t)M * (size_t)k->N);   /* only out of memory gets here */
 }
 
 static void destroy_kernel(void *kernel) { free(kernel); }

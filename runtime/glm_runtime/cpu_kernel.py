@@ -47,6 +47,10 @@ class Q4Kernel:
         """MatMulNBits nodes it was asked to create but cannot run (bits, block size)."""
         return int(self.lib.glm_q4_unsupported())
 
+    def bad_inputs(self) -> int:
+        """Runs refused because a node's tensors do not match its attributes (weights from a damaged artifact)."""
+        return int(self.lib.glm_q4_bad_inputs())
+
     def describe(self) -> str:
         return f"glm-runtime int4 kernel ({self.isa}, {self.threads} threads)"
 
@@ -107,6 +111,7 @@ def load(threads: int | None) -> Q4Kernel | None:
         lib.glm_q4_isa.restype = ctypes.c_char_p
         lib.glm_q4_calls.restype = ctypes.c_long
         lib.glm_q4_unsupported.restype = ctypes.c_long
+        lib.glm_q4_bad_inputs.restype = ctypes.c_long
         lib.glm_q4_set_threads.argtypes = [ctypes.c_int]
         lib.glm_q4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]

@@ -140,6 +140,28 @@ class OrtEngine:
         self.itemsize = self._dtype.itemsize
         self._run_s = 0.0
         self._cache_names = [f"{kv}_{i}" for i in range(config.num_layers) for kv in ("key", "value")]
+        if kernel is not None and self.int4_kernel == kernel.describe() and not self._kernel_accepts_weights(kernel):
+            log.warning("the runtime's int4 kernel refused this graph's int4 weights (shapes that do not match "
+                        "their nodes): loading it on ONNX Runtime's kernel, which says what is wrong")
+            self.session, _ = self._create_session(threads, log_severity, requested, None)
+            self.int4_kernel = "ONNX Runtime MatMulNBits"
+
+    def _kernel_accepts_weights(self, kernel: cpu_kernel.Q4Kernel) -> bool:
+        """One step on one token: the kernel checks each node's weights against its attributes when it first runs
+        it (ONNX Runtime's own kernel does so at load, and API version 8 shows a kernel no weights before). A
+        refusal sends the artifact to ONNX Runtime's kernel, whose load error names the tensor. The step also
+        pages the weights in, which the first request would otherwise wait for."""
+        refused = kernel.bad_inputs()
+        cache = self.allocate(1, 1)
+        for name in ("input_ids", "position_ids", "logits_index"):
+            cache.binding.bind_cpu_input(name, np.zeros((1, 1), np.int64))
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # a refusal makes ORT log the next node's "Missing Input": expected here
+        try:
+            self.session.run_with_iobinding(cache.binding, quiet)
+        except Exception:  # that same refusal, as ORT raises it
+            pass
+        return kernel.bad_inputs() == refused
 
     def _create_session(self, threads: int | None, log_severity: int, providers: list[str],
                         kernel: cpu_kernel.Q4Kernel | None) -> tuple[ort.InferenceSession | None, str | None]:
