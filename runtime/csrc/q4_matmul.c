@@ -408,6 +408,7 @@ static Job *current;
 static atomic_uint generation;
 static atomic_int pending;
 static int started;
+static unsigned start_generation;   /* the generation when the workers were created (under pool_lock) */
 
 static void run_share(Job *j, int who, int nthreads) {
   if (j->M == 1) {
@@ -444,7 +445,7 @@ static double now_seconds(void) {
 
 static void *worker_main(void *arg) {
   const int who = (int)(intptr_t)arg;
-  unsigned seen = atomic_load(&generation);
+  unsigned seen = start_generation;   /* not the live value: a job may be posted before this thread first runs */
   for (;;) {
     const double until = now_seconds() + spin_seconds;
     for (int spins = 0; atomic_load_explicit(&generation, memory_order_acquire) == seen; spins++) {
@@ -470,6 +471,7 @@ int glm_q4_set_threads(int n) {
   pthread_mutex_lock(&pool_lock);
   if (!started) {
     pool_threads = n < 1 ? 1 : n > 256 ? 256 : n;
+    start_generation = atomic_load(&generation);
     if (pool_threads > 1) {
       workers = calloc((size_t)pool_threads, sizeof(pthread_t));
       for (int i = 1; workers && i < pool_threads; i++)
