@@ -30,10 +30,12 @@ U32 = float(np.finfo(np.float32).eps) / 2
 
 # (K, N, block, M): K tails (352 = 2 x 128 + 96, 96 < 128), odd N (pairs of weight rows in prefill), M over the
 # 64-row prefill block and not a multiple of 4, M >= 16 (the across-rows prefill kernel, with partial 32-row
-# tiles), every block size the builder writes and two more.
+# tiles), every block size the builder writes and two more; decode (M = 1) at block 32 and at 128 and 256 (one
+# weight scale per 128-element chunk: a broadcast).
 CASES = [(256, 72, 32, 1), (4096, 67, 32, 1), (13696, 40, 32, 1), (352, 9, 32, 5), (96, 5, 32, 7),
          (512, 33, 64, 6), (384, 40, 128, 3), (512, 9, 256, 4), (4096, 130, 32, 70), (128, 3, 16, 2),
-         (4096, 70, 128, 33), (352, 45, 32, 20), (13696, 37, 32, 17)]
+         (4096, 70, 128, 33), (352, 45, 32, 20), (13696, 37, 32, 17), (4096, 40, 128, 1), (13696, 24, 128, 1),
+         (768, 11, 256, 1)]
 
 
 def case_data(k: int, n: int, block: int, m: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
