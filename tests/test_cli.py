@@ -64,6 +64,10 @@ def test_build_quantized_bad_input_is_refused_before_any_work(tmp_path: Path) ->
     r = runner.invoke(app, ["build", str(tmp_path), "--precision", "int4", "--weight-block", "100",
                             "-o", str(tmp_path / "o")])
     assert r.exit_code == 1 and "--weight-block 100" in r.output
+    for bad in ("0", "big"):
+        r = runner.invoke(app, ["build", str(tmp_path), "--precision", "int4", "--weight-block", bad,
+                                "-o", str(tmp_path / "o")])
+        assert r.exit_code == 2 and "choose auto, 32, 64 or 128" in r.output, r.output
     assert not (tmp_path / "o").exists()
 
 

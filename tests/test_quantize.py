@@ -267,6 +267,30 @@ def test_lm_head_auto_follows_the_output_layers_share_of_the_bytes() -> None:
     assert resolve_lm_head(QuantOptions(lm_head="float"), full, "int4").lm_head == "float"
 
 
+def test_weight_block_auto_is_128_only_beside_an_int8_output_layer_on_wide_rows() -> None:
+    """``--weight-block auto``: 128 on GLM-4-9B (int8 head, rows of 4096), 32 where the head stays int4 (the 2-layer
+    model) or rows are narrow (the tiny model: a block of 128 would be its whole row); a number given is kept."""
+    from types import SimpleNamespace
+
+    from glm_export.quantize.rewrite import WEIGHT_BLOCK_AUTO, resolve_lm_head, resolve_weight_block
+
+    def glm(layers: int, hidden: int = 4096) -> SimpleNamespace:
+        return SimpleNamespace(vocab_size=151552, hidden_size=hidden, q_size=hidden, kv_size=256,
+                               ffn_hidden_size=13696, num_layers=layers)
+
+    def block(cfg: SimpleNamespace, precision: str, **kw: object) -> int:
+        return resolve_weight_block(resolve_lm_head(QuantOptions(**kw), cfg, precision), cfg, precision).weight_block
+
+    assert QuantOptions().weight_block == WEIGHT_BLOCK_AUTO
+    assert block(glm(40), "int4") == 128
+    assert block(glm(2), "int4") == 32  # output layer int4 (60 % of the decode bytes)
+    assert block(glm(2), "int4", lm_head="int8") == 128
+    assert block(glm(400, hidden=512), "int4", lm_head="int8") == 32  # 4 blocks of 128 per row
+    assert block(glm(40), "int4", weight_block=32) == 32
+    assert block(glm(40), "int4", lm_head="same") == 32
+    assert block(glm(40), "fp8") == 32  # no int4 weights: the value is not used
+
+
 def test_a_graph_that_shrinks_below_2gb_keeps_no_reference_to_the_old_data_file(tmp_path: Path,
                                                                                 tiny_checkpoint: Path,
                                                                                 tiny_artifact: Path) -> None:

@@ -73,6 +73,7 @@ from glm_export.quantize.rewrite import (
     quantize_names,
     resolve_host_options,
     resolve_lm_head,
+    resolve_weight_block,
     targets,
 )
 from glm_export.resume import PARTIAL, Partial
@@ -301,7 +302,7 @@ def quantize_streamed(model_dir: Path, artifact: Path, precision: str, options: 
     ckpt = Checkpoint(model_dir)
     ckpt.validate()
     cfg = ckpt.config
-    options = resolve_lm_head(options, cfg, precision)
+    options = resolve_weight_block(resolve_lm_head(options, cfg, precision), cfg, precision)
     extra = _copy_side_files(model_dir, artifact)  # first: tokenizer.json may be converted from tokenizer.model
     tok_dir = _tokenizer_dir(Path(model_dir), Path(artifact))
     try:
