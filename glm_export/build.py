@@ -34,7 +34,6 @@ from glm_export.quantize.rewrite import (
     options_for_backend,
     quantize_into,
     resolve_host_options,
-    resolve_lm_head,
     resolve_weight_block,
 )
 from glm_export.resume import STAGES, BuildJournal, fingerprint_dir, fingerprint_file, step_key
@@ -106,8 +105,7 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
         raise BuildError(f"--eval-text {eval_text} not found: pass a UTF-8 text file")
     cfg = Checkpoint(model_dir).config
     # the block size decides the bytes the estimates below use (and the resume fingerprint records it)
-    quant = replace(quant, weight_block=resolve_weight_block(resolve_lm_head(quant, cfg, precision), cfg,
-                                                             precision).weight_block)
+    quant = replace(quant, weight_block=resolve_weight_block(quant, cfg, precision).weight_block)
     if precision in QUANTIZED_PRECISIONS and backend != "onnxruntime" and quant.accuracy_samples:
         quant = tensorrt_form_accuracy(cfg, quant)
     if spec is not None:

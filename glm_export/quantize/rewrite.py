@@ -181,8 +181,8 @@ def resolve_lm_head(options: QuantOptions, cfg: Any, precision: str) -> QuantOpt
 
 
 def resolve_weight_block(options: QuantOptions, cfg: Any, precision: str) -> QuantOptions:
-    """``weight_block`` auto -> 128 when the output layer is int8 (``resolve_lm_head`` first) and a row of the
-    hidden size holds at least 8 blocks of 128, as on GLM-4-9B; 32 otherwise.
+    """``weight_block`` auto -> 128 when the output layer is int8 (as ``resolve_lm_head`` decides it) and a row of
+    the hidden size holds at least 8 blocks of 128, as on GLM-4-9B; 32 otherwise.
 
     Measured on the trained tiny GLM (docs/quantization.md, "Block size"): with an int8 output layer, block 128
     is within noise of block 32 (held-out perplexity -0.07 % vs +0.19 % of fp32, KL 2.1e-3 vs 1.8e-3) although
@@ -191,7 +191,8 @@ def resolve_weight_block(options: QuantOptions, cfg: Any, precision: str) -> Qua
     and a 6.2 instead of 7.0 GB artifact (docs/runtime.md). 128 is also GPTQ's and AWQ's usual group size."""
     if options.weight_block != WEIGHT_BLOCK_AUTO:
         return options
-    wide = precision == "int4" and options.lm_head == "int8" and cfg.hidden_size >= 8 * 128
+    head = resolve_lm_head(options, cfg, precision).lm_head
+    wide = precision == "int4" and head == "int8" and cfg.hidden_size >= 8 * 128
     return replace(options, weight_block=128 if wide else 32)
 
 
@@ -610,6 +611,7 @@ INT4_COLUMN_AXIS = {"nbits": 0, "qdq": 1}
 
 def quantize_graph(model: ir.Model, cfg: Any, precision: str, options: QuantOptions, stats: Stats) -> dict[str, Any]:
     """Edit ``model`` in memory; return per-layer details for the report."""
+    options = resolve_weight_block(options, cfg, precision)  # callers that pass the options as given
     w = Weights(model.graph, cfg)
     rw = Rewriter(model)
     layers = quantize_names([n for n in targets(cfg, options) if n in rw.users], w, rw, precision, options, stats)
