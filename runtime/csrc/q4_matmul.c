@@ -209,7 +209,8 @@ static void rows_scalar(const Act *a, const uint8_t *B, const float *S, int n0, 
 
 #ifdef Q4_X86
 /* The weight scales of a 128-element chunk spread over its 16 lanes: lane L holds elements 8L..8L+7 (of the
- * chunk), which lie in block (8L)/bs of it; one masked load of the chunk's scales, one permute. */
+ * chunk), which lie in block (8L)/bs of it; one masked load of the chunk's scales, one permute. From block 128 up
+ * the chunk has one scale: a broadcast load, no permute. */
 typedef struct { __m512i idx; __mmask16 mask; } ScaleLanes512;
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
@@ -221,6 +222,7 @@ static ScaleLanes512 scale_lanes512(int bs) {
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 static inline __m512 chunk_scales512(ScaleLanes512 l, const float *row_scales, int c, int bs) {
+  if (bs >= 128) return _mm512_set1_ps(row_scales[(128 * c) / bs]);
   return _mm512_permutexvar_ps(l.idx, _mm512_maskz_loadu_ps(l.mask, row_scales + (128 * c) / bs));
 }
 
@@ -234,7 +236,7 @@ static void rows_avx512vnni(const Act *a, const uint8_t *B, const float *S, int 
     __m512i acc = _mm512_dpbusd_epi32(_mm512_loadu_si512(a->corr + 16 * (c)), _mm512_and_si512(v, m4), \
                                       _mm512_loadu_si512(a->xe + 64 * (c))); \
     acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), _mm512_loadu_si512(a->xo + 64 * (c))); \
-    const __m512 sw = bs >= 128 ? _mm512_set1_ps(s[(128 * (c)) / bs]) : chunk_scales512(lanes, s, (c), bs); \
+    const __m512 sw = chunk_scales512(lanes, s, (c), bs); \
     f = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(a->sl + 16 * (c))), sw, f); }
   for (int n = n0; n < n1; n++) {
     const uint8_t *w = B + (size_t)n * (K / 2);
@@ -617,17 +619,16 @@ long glm_q4_bad_inputs(void) { return atomic_load(&op_bad_inputs); }
 /* How many times ONNX Runtime has run this kernel: glm_runtime checks the library is in use, not shadowed. */
 long glm_q4_calls(void) { return atomic_load(&op_calls); }
 
-/* Elements of a tensor (-1 when its shape cannot be read). */
-static int64_t element_count(const void *value, int64_t *last_dim) {
+/* Elements of a tensor (-1 when its shape cannot be read), and its shape in dims[8] / *rank. */
+static int64_t element_count(const void *value, int64_t dims[8], size_t *rank) {
   void *info = NULL;
-  size_t rank = 0;
-  int64_t dims[8], n = -1;
+  int64_t n = -1;
+  *rank = 0;
   if (status_failed(ORT_FN(SLOT_GetTensorTypeAndShape, GetShapeFn)(value, &info))) return -1;
-  if (!status_failed(ORT_FN(SLOT_GetDimensionsCount, GetDimCountFn)(info, &rank)) && rank >= 1 && rank <= 8 &&
-      !status_failed(ORT_FN(SLOT_GetDimensions, GetDimsFn)(info, dims, rank))) {
+  if (!status_failed(ORT_FN(SLOT_GetDimensionsCount, GetDimCountFn)(info, rank)) && *rank >= 1 && *rank <= 8 &&
+      !status_failed(ORT_FN(SLOT_GetDimensions, GetDimsFn)(info, dims, *rank))) {
     n = 1;
-    for (size_t i = 0; i < rank; i++) n = dims[i] < 0 || (dims[i] && n > INT64_MAX / dims[i]) ? -1 : n * dims[i];
-    if (last_dim) *last_dim = dims[rank - 1];
+    for (size_t i = 0; i < *rank; i++) n = dims[i] < 0 || (dims[i] && n > INT64_MAX / dims[i]) ? -1 : n * dims[i];
   }
   ORT_FN(SLOT_ReleaseTensorTypeAndShapeInfo, ReleaseFn)(info);
   return n;
@@ -641,25 +642,21 @@ static void compute(void *kernel, void *ctx) {
   const Kernel *k = kernel;
   atomic_fetch_add(&op_calls, 1);
   const void *in[3];
-  void *out = NULL, *info = NULL;
-  size_t nin = 0, rank = 0;
-  int64_t dims[8], a_last = -1;
+  void *out = NULL;
+  size_t nin = 0, rank = 0, rank_b = 0;
+  int64_t dims[8], dims_b[8];
   if (k->K <= 0 || status_failed(ORT_FN(SLOT_KernelContext_GetInputCount, GetCountFn)(ctx, &nin)) || nin != 3) return;
   for (size_t i = 0; i < 3; i++)
     if (status_failed(ORT_FN(SLOT_KernelContext_GetInput, GetInputFn)(ctx, i, &in[i])) || !in[i]) return;
-  const int64_t a_count = element_count(in[0], &a_last);
-  if (a_count < 0 || a_last != k->K || element_count(in[1], NULL) != k->N * (k->K / 2) ||
-      element_count(in[2], NULL) != k->N * (k->K / k->bs)) {
+  const int64_t a_count = element_count(in[0], dims, &rank);
+  if (a_count < 0 || dims[rank - 1] != k->K || element_count(in[1], dims_b, &rank_b) != k->N * (k->K / 2) ||
+      element_count(in[2], dims_b, &rank_b) != k->N * (k->K / k->bs)) {
     atomic_fetch_add(&op_bad_inputs, 1);
     return;
   }
   const int64_t M = a_count / k->K;
-  if (M > INT32_MAX || status_failed(ORT_FN(SLOT_GetTensorTypeAndShape, GetShapeFn)(in[0], &info))) return;
-  const int ok = !status_failed(ORT_FN(SLOT_GetDimensionsCount, GetDimCountFn)(info, &rank)) && rank >= 1 &&
-                 rank <= 8 && !status_failed(ORT_FN(SLOT_GetDimensions, GetDimsFn)(info, dims, rank));
-  ORT_FN(SLOT_ReleaseTensorTypeAndShapeInfo, ReleaseFn)(info);
-  if (!ok) return;
-  dims[rank - 1] = k->N;
+  if (M > INT32_MAX) return;
+  dims[rank - 1] = k->N;   /* the output: A's shape with N last */
   if (status_failed(ORT_FN(SLOT_KernelContext_GetOutput, GetOutputFn)(ctx, 0, dims, rank, &out))) return;
   float *y = NULL; void *x = NULL, *b = NULL, *s = NULL;
   GetDataFn data = ORT_FN(SLOT_GetTensorMutableData, GetDataFn);
