@@ -187,8 +187,8 @@ def resolve_weight_block(options: QuantOptions, cfg: Any, precision: str) -> Qua
     Measured on the trained tiny GLM (docs/quantization.md, "Block size"): with an int8 output layer, block 128
     is within noise of block 32 (held-out perplexity -0.07 % vs +0.19 % of fp32, KL 2.1e-3 vs 1.8e-3) although
     there a block of 128 is a whole row; with an int4 output layer it is not (+2.14 % vs +0.92 %). On GLM-4-9B
-    block 128 reads 4.25 instead of 5 bits per weight: decode 5.4 vs 4.8 tok/s, a 512-token prefill 18.5 vs 31 s,
-    and a 6.2 instead of 7.0 GB artifact (docs/runtime.md). 128 is also GPTQ's and AWQ's usual group size."""
+    block 128 reads 4.25 instead of 5 bits per weight: decode 5.2 vs 4.7 tok/s and a 6.2 instead of 7.0 GB
+    artifact (README, "Full-size GLM-4-9B", with the commands). 128 is also GPTQ's and AWQ's usual group size."""
     if options.weight_block != WEIGHT_BLOCK_AUTO:
         return options
     head = resolve_lm_head(options, cfg, precision).lm_head
