@@ -2,7 +2,7 @@
 prefill of a 512-token prompt, decode tok/s at batch 1 (and 4 with --batch4), greedy, EOS ignored.
 
     python scripts/bench_fullsize.py ARTIFACT [--threads 2] [--decode 32] [--batch4] [--int4-kernel auto|ort]
-                                             [--json out.json]
+                                             [--attention-kernel auto|ort] [--json out.json]
 
 Run it alone under ``nice`` on a shared machine and say so beside its numbers; one process per artifact so the
 RSS is that artifact's. Prompts are random token ids (the random-weight checkpoints have no meaningful text).
@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--batch4", action="store_true")
     ap.add_argument("--int4-kernel", choices=("auto", "ort"), default="auto",
                     help="int4 artifacts: the runtime's kernel (auto) or ONNX Runtime's MatMulNBits (ort)")
+    ap.add_argument("--attention-kernel", choices=("auto", "ort"), default="auto",
+                    help="the runtime's attention (auto, on AVX-512 CPUs) or ONNX Runtime's")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -61,7 +63,8 @@ def main() -> None:
 
     size = sum(p.stat().st_size for p in args.artifact.iterdir() if p.is_file())
     t0 = time.perf_counter()
-    llm = load(args.artifact, threads=args.threads, verify="size", int4_kernel=args.int4_kernel)
+    llm = load(args.artifact, threads=args.threads, verify="size", int4_kernel=args.int4_kernel,
+                attention_kernel=args.attention_kernel)
     load_s = time.perf_counter() - t0
     rss_load, _ = rss_gb()
     out: dict[str, Any] = {"artifact": str(args.artifact), "artifact_gb": round(size / 1e9, 2),

@@ -112,20 +112,24 @@ def weight_bytes(artifact: Path) -> tuple[int, int]:
 
 
 def decode_speed(artifact: Path, cfg, threads: int, prompt: int, tokens: int, runs: int,
-                 int4_kernel: bool = False) -> dict[str, float]:
-    """``int4_kernel``: run MatMulNBits on the runtime's kernel (glm_runtime.cpu_kernel), as glm-runtime does."""
+                 int4_kernel: bool = False, attention: bool = True) -> dict[str, float]:
+    """``int4_kernel``: run MatMulNBits on the runtime's kernel (glm_runtime.cpu_kernel), as glm-runtime does.
+    ``attention``: run Attention on the runtime's where glm-runtime would (an AVX-512 CPU)."""
+    from glm_runtime import cpu_kernel
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     disabled = None
-    if int4_kernel:
-        from glm_runtime import cpu_kernel
-
-        kernel = cpu_kernel.load(threads)
-        if kernel is None:
-            raise SystemExit("error: the runtime's int4 kernel is not built here (pip install -e ./runtime)")
-        disabled = cpu_kernel.configure(opts, kernel)
+    kernel = cpu_kernel.load(threads) if int4_kernel or attention else None
+    if int4_kernel and kernel is None:
+        raise SystemExit("error: the runtime's int4 kernel is not built here (pip install -e ./runtime)")
+    mode = cpu_kernel.ATTENTION_OFF
+    if attention and kernel is not None and cpu_kernel.attention_unavailable(kernel) is None:
+        mode = cpu_kernel.ATTENTION_POOL if int4_kernel else cpu_kernel.ATTENTION_CALLING_THREAD
+    if kernel is not None and (int4_kernel or mode):
+        disabled = cpu_kernel.configure(opts, kernel, matmul=int4_kernel, attention=mode)
     sess = ort.InferenceSession(str(artifact / "model.onnx"), opts, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=disabled)
     cache_len = prompt + tokens
@@ -192,6 +196,8 @@ def main() -> None:
     ap.add_argument("--int4-kernel", choices=("auto", "ort", "both"), default="both",
                     help="int4 variants: run them on the runtime's kernel (auto, as glm-runtime does), on ONNX "
                          "Runtime's MatMulNBits (ort), or both (two rows each)")
+    ap.add_argument("--attention-kernel", choices=("auto", "ort"), default="auto",
+                    help="Attention on the runtime's kernel where glm-runtime uses it (auto) or on ONNX Runtime's")
     ap.add_argument("--gguf", default="", help="comma-separated GGUF files measured by llama-bench in each round")
     ap.add_argument("--llama-build", type=Path, default=Path("/work/tools/llama.cpp"),
                     help="llama.cpp build directory (for --gguf)")
@@ -248,7 +254,8 @@ def main() -> None:
     for r in range(args.runs):
         for spec, art in arts:
             runs[spec].append(decode_speed(art, cfg, args.threads, args.prompt, args.tokens, 1,
-                                           int4_kernel=spec.endswith("(glm-runtime kernel)")))
+                                           int4_kernel=spec.endswith("(glm-runtime kernel)"),
+                                           attention=args.attention_kernel == "auto"))
             print(f"round {r + 1}: {spec}: {runs[spec][-1]}", flush=True)
         for g in ggufs:
             llama[g] += llama_decode(args.llama_build, g, args.threads, args.prompt, args.tokens)

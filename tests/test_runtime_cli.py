@@ -44,6 +44,19 @@ def test_generate_prompt_ids_json(tiny_artifact: Path, reference) -> None:
     assert {"ttft_s", "decode_tokens_per_s", "overhead_fraction"} <= set(out["timings"])
 
 
+def test_attention_kernel_flag(tiny_artifact: Path, reference) -> None:
+    """Both attention kernels give the greedy tokens of the default load (the tiny model's logits agree to float32
+    rounding, tests/test_attention_kernel.py); an unknown value is a usage error."""
+    expected = reference.generate(prompt_ids=[5, 17, 300], max_new_tokens=4, temperature=0).output_ids
+    for mode in ("ort", "auto"):
+        result = invoke("generate", tiny_artifact, "--prompt-ids", "5,17,300", "--max-new-tokens", "4",
+                        "--temperature", "0", "--json", "--attention-kernel", mode, *FAST)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["output_ids"] == expected
+    result = invoke("generate", tiny_artifact, "--prompt-ids", "5", "--attention-kernel", "fast", *FAST)
+    assert result.exit_code == 2 and "fast" in result.output
+
+
 def test_generate_prompt_and_messages_use_the_chat_template(tiny_artifact: Path, tmp_path: Path,
                                                              reference) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "用一句话介绍你自己"}]

@@ -18,11 +18,10 @@
  * elements 8g..8g+7 of one block; `corr` starts each lane's int32 sum at -8 * (sum of its 8 activations), which
  * removes the +8 offset of the nibbles without a subtract per weight.
  *
- * ONNX Runtime's C API is reached through its stable ABI: the dozen entry points this file calls are looked up by
- * their slot in the OrtApi function table of API version 8 (the table is append-only; slots below 102 are
- * "version 1, do not modify"), and the custom-op description is the version-8 layout. The header is not on PyPI,
- * so these declarations are written here; RegisterCustomOps checks the table with a status round trip before
- * using it.
+ * ONNX Runtime's C API is reached through its stable ABI (ort_abi.h): the dozen entry points this file calls are
+ * looked up by their slot in the OrtApi function table of API version 8, and the custom-op description is the
+ * version-8 layout. RegisterCustomOps checks the table with a status round trip before using it, and registers
+ * what glm_q4_select asked for: this MatMulNBits and/or the Attention of attention.c, which shares the pool below.
  */
 #include <math.h>
 #include <pthread.h>
@@ -36,64 +35,9 @@
 #define Q4_X86 1
 #endif
 
-/* ---------------------------------------------------------------- the ONNX Runtime ABI (API version 8) */
+#include "ort_abi.h"
 
-#define ORT_API_VERSION_USED 8
-typedef void OrtStatus;
-typedef void (*AnyFn)(void);
-typedef struct OrtApiTable { AnyFn slot[102]; } OrtApiTable;   /* only the first 102 slots are read */
-typedef struct OrtApiBase {
-  const OrtApiTable *(*GetApi)(uint32_t version);
-  const char *(*GetVersionString)(void);
-} OrtApiBase;
-
-enum {
-  SLOT_CreateStatus = 0, SLOT_GetErrorMessage = 2, SLOT_CreateCustomOpDomain = 26, SLOT_CustomOpDomain_Add = 27,
-  SLOT_AddCustomOpDomain = 28, SLOT_GetTensorMutableData = 51, SLOT_GetDimensionsCount = 61,
-  SLOT_GetDimensions = 62, SLOT_GetTensorTypeAndShape = 65, SLOT_KernelInfoGetAttribute_int64 = 86,
-  SLOT_KernelContext_GetInputCount = 88, SLOT_KernelContext_GetInput = 90, SLOT_KernelContext_GetOutput = 91,
-  SLOT_ReleaseStatus = 93, SLOT_ReleaseTensorTypeAndShapeInfo = 99,
-};
-enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
-enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2 };
-
-static const OrtApiTable *ort;
-#define ORT_FN(index, type) ((type)ort->slot[index])
-typedef OrtStatus *(*CreateStatusFn)(int, const char *);
-typedef const char *(*GetErrorMessageFn)(const OrtStatus *);
-typedef void (*ReleaseFn)(void *);
-typedef OrtStatus *(*CreateDomainFn)(const char *, void **);
-typedef OrtStatus *(*DomainAddFn)(void *, const void *);
-typedef OrtStatus *(*AddDomainFn)(void *, void *);
-typedef OrtStatus *(*GetDataFn)(void *, void **);
-typedef OrtStatus *(*GetDimCountFn)(const void *, size_t *);
-typedef OrtStatus *(*GetDimsFn)(const void *, int64_t *, size_t);
-typedef OrtStatus *(*GetShapeFn)(const void *, void **);
-typedef OrtStatus *(*GetAttrIntFn)(const void *, const char *, int64_t *);
-typedef OrtStatus *(*GetCountFn)(const void *, size_t *);
-typedef OrtStatus *(*GetInputFn)(const void *, size_t, const void **);
-typedef OrtStatus *(*GetOutputFn)(void *, size_t, const int64_t *, size_t, void **);
-
-typedef struct CustomOp {              /* ONNX Runtime's custom-op description, version-8 layout */
-  uint32_t version;
-  void *(*CreateKernel)(const struct CustomOp *, const OrtApiTable *, const void *info);
-  const char *(*GetName)(const struct CustomOp *);
-  const char *(*GetExecutionProviderType)(const struct CustomOp *);
-  int (*GetInputType)(const struct CustomOp *, size_t);
-  size_t (*GetInputTypeCount)(const struct CustomOp *);
-  int (*GetOutputType)(const struct CustomOp *, size_t);
-  size_t (*GetOutputTypeCount)(const struct CustomOp *);
-  void (*KernelCompute)(void *, void *context);
-  void (*KernelDestroy)(void *);
-  int (*GetInputCharacteristic)(const struct CustomOp *, size_t);
-  int (*GetOutputCharacteristic)(const struct CustomOp *, size_t);
-} CustomOp;
-
-static int status_failed(OrtStatus *st) {
-  if (!st) return 0;
-  ORT_FN(SLOT_ReleaseStatus, ReleaseFn)(st);
-  return 1;
-}
+const OrtApiTable *glm_ort_api;
 
 /* ---------------------------------------------------------------- the activation, quantized per block */
 
@@ -456,6 +400,7 @@ typedef struct {
   const Act *acts; int M; const uint8_t *B; const float *S; int N; float *Y;
   int tiles, tile;          /* M == 1: contiguous row ranges per thread; M > 1: tiles of rows, taken in turn */
   atomic_int next;
+  void (*task)(void *, int, int); void *task_arg;   /* set: a job of another kernel (glm_pool_run) */
 } Job;
 
 static int pool_threads = 1;
@@ -469,6 +414,10 @@ static int started;
 static unsigned start_generation;   /* the generation when the workers were created (under pool_lock) */
 
 static void run_share(Job *j, int who, int nthreads) {
+  if (j->task) {
+    j->task(j->task_arg, who, nthreads);
+    return;
+  }
   if (j->M == 1) {   /* contiguous halves: long streams (64 KB-1 MB chunks taken in turn measured 0-20 % slower) */
     const int n0 = (int)((long long)j->N * who / nthreads), n1 = (int)((long long)j->N * (who + 1) / nthreads);
     if (n1 > n0) rows_impl(&j->acts[0], j->B, j->S, n0, n1, j->Y);
@@ -564,6 +513,11 @@ static void run_job(Job *j) {
   run_share(j, 0, 1);
 }
 
+void glm_pool_run(void (*fn)(void *, int, int), void *arg) {
+  Job j = {.task = fn, .task_arg = arg};
+  run_job(&j);
+}
+
 /* The whole product, callable without ONNX Runtime (tests, benchmarks). X [M][K] float, Y [M][N] float. */
 int glm_q4_matmul(const float *X, int M, int K, const uint8_t *B, const float *S, int N, int bs, float *Y) {
   if (M < 0 || K <= 0 || N <= 0 || bs < 16 || (bs & (bs - 1)) || K % bs) return -1;
@@ -619,8 +573,7 @@ long glm_q4_bad_inputs(void) { return atomic_load(&op_bad_inputs); }
 /* How many times ONNX Runtime has run this kernel: glm_runtime checks the library is in use, not shadowed. */
 long glm_q4_calls(void) { return atomic_load(&op_calls); }
 
-/* Elements of a tensor (-1 when its shape cannot be read), and its shape in dims[8] / *rank. */
-static int64_t element_count(const void *value, int64_t dims[8], size_t *rank) {
+int64_t glm_element_count(const void *value, int64_t dims[8], size_t *rank) {
   void *info = NULL;
   int64_t n = -1;
   *rank = 0;
@@ -648,9 +601,9 @@ static void compute(void *kernel, void *ctx) {
   if (k->K <= 0 || status_failed(ORT_FN(SLOT_KernelContext_GetInputCount, GetCountFn)(ctx, &nin)) || nin != 3) return;
   for (size_t i = 0; i < 3; i++)
     if (status_failed(ORT_FN(SLOT_KernelContext_GetInput, GetInputFn)(ctx, i, &in[i])) || !in[i]) return;
-  const int64_t a_count = element_count(in[0], dims, &rank);
-  if (a_count < 0 || dims[rank - 1] != k->K || element_count(in[1], dims_b, &rank_b) != k->N * (k->K / 2) ||
-      element_count(in[2], dims_b, &rank_b) != k->N * (k->K / k->bs)) {
+  const int64_t a_count = glm_element_count(in[0], dims, &rank);
+  if (a_count < 0 || dims[rank - 1] != k->K || glm_element_count(in[1], dims_b, &rank_b) != k->N * (k->K / 2) ||
+      glm_element_count(in[2], dims_b, &rank_b) != k->N * (k->K / k->bs)) {
     atomic_fetch_add(&op_bad_inputs, 1);
     return;
   }
@@ -680,16 +633,25 @@ static const CustomOp q4_op = {
   compute, destroy_kernel, required, required,
 };
 
-static void *domain;
+static void *domain, *attention_domain[2];
 static pthread_mutex_t register_lock = PTHREAD_MUTEX_INITIALIZER;
-static atomic_int registered;
+static atomic_int registered, matmul_wanted = 1, attention_wanted;
+
+/* What the next RegisterCustomOps (a session's register_custom_ops_library) adds: MatMulNBits (matmul != 0), and
+ * the Attention of attention.c in the ONNX domain (attention 1: on the pool, 2: on the calling thread only, for
+ * sessions whose other ops run on ONNX Runtime's pool; 0: not). glm_runtime asks for Attention only for graphs
+ * whose Attention nodes all have the form it implements. */
+void glm_q4_select(int matmul, int attention) {
+  atomic_store(&matmul_wanted, matmul != 0);
+  atomic_store(&attention_wanted, attention == 1 || attention == 2 ? attention : 0);
+}
 
 /* Whether RegisterCustomOps found the ABI it expects and added the kernel (else ONNX Runtime's runs). */
 int glm_q4_registered(void) { return atomic_load(&registered); }
 
 OrtStatus *RegisterCustomOps(void *session_options, const OrtApiBase *base) {
-  ort = base->GetApi(ORT_API_VERSION_USED);
-  if (!ort) return NULL;
+  glm_ort_api = base->GetApi(ORT_API_VERSION_USED);
+  if (!glm_ort_api) return NULL;
   /* ABI check: a status made by slot 0 must read back through slot 2 */
   OrtStatus *probe = ORT_FN(SLOT_CreateStatus, CreateStatusFn)(ORT_INVALID_ARGUMENT, "glm-q4-probe");
   const char *msg = probe ? ORT_FN(SLOT_GetErrorMessage, GetErrorMessageFn)(probe) : NULL;
@@ -699,13 +661,24 @@ OrtStatus *RegisterCustomOps(void *session_options, const OrtApiBase *base) {
   choose_isa();
   OrtStatus *st = NULL;
   pthread_mutex_lock(&register_lock);
-  if (!domain) {
+  if (!domain && atomic_load(&matmul_wanted)) {
     void *d = NULL;
     st = ORT_FN(SLOT_CreateCustomOpDomain, CreateDomainFn)("com.microsoft", &d);
     if (!st) st = ORT_FN(SLOT_CustomOpDomain_Add, DomainAddFn)(d, &q4_op);
     if (!st) domain = d;   /* on failure the half-made domain is leaked: a few bytes, once */
   }
-  if (!st) st = ORT_FN(SLOT_AddCustomOpDomain, AddDomainFn)(session_options, domain);
+  if (!st && atomic_load(&matmul_wanted)) st = ORT_FN(SLOT_AddCustomOpDomain, AddDomainFn)(session_options, domain);
+  const int attention = atomic_load(&attention_wanted);
+  if (!st && attention) {
+    if (!attention_domain[attention - 1]) {
+      void *d = NULL;
+      st = ORT_FN(SLOT_CreateCustomOpDomain, CreateDomainFn)("", &d);
+      if (!st) st = ORT_FN(SLOT_CustomOpDomain_Add, DomainAddFn)(d, attention == 1 ? &glm_attention_op
+                                                                                   : &glm_attention_op_single);
+      if (!st) attention_domain[attention - 1] = d;
+    }
+    if (!st) st = ORT_FN(SLOT_AddCustomOpDomain, AddDomainFn)(session_options, attention_domain[attention - 1]);
+  }
   if (!st) atomic_store(&registered, 1);
   pthread_mutex_unlock(&register_lock);
   return st;

@@ -103,19 +103,24 @@ class Int4Kernel(str, Enum):
 Int4KernelOpt = Annotated[Int4Kernel | None, typer.Option(
     help="int4 artifacts on CPU: the runtime's kernel (auto, when built) or ONNX Runtime's MatMulNBits (ort). "
          "Default: $GLM_RUNTIME_INT4_KERNEL, else auto.")]
+AttentionKernelOpt = Annotated[Int4Kernel | None, typer.Option(
+    help="Attention on CPU: the runtime's (auto: on AVX-512 CPUs; its cost follows the context, not the KV "
+         "buffer) or ONNX Runtime's (ort). Default: $GLM_RUNTIME_ATTENTION_KERNEL, else auto.")]
 Truncate = Annotated[bool, typer.Option(help="Drop the oldest prompt tokens when prompt + max-new-tokens "
                                              "exceeds the context (default: refuse).")]
 
 
 def _load(artifact: Path, threads: int | None, provider: list[str] | None, verify: Verify, prefill_chunk: int,
-          kv_budget_gb: float | None, int4_kernel: Int4Kernel | None = None) -> Any:
+          kv_budget_gb: float | None, int4_kernel: Int4Kernel | None = None,
+          attention_kernel: Int4Kernel | None = None) -> Any:
     from glm_runtime.api import load
 
     budget = int(kv_budget_gb * 1e9) if kv_budget_gb is not None else None
     with console.status(f"loading {artifact}"):
         return load(artifact, providers=provider or None, threads=threads, verify=verify.value,
                     prefill_chunk=prefill_chunk, kv_budget_bytes=budget,
-                    int4_kernel=int4_kernel.value if int4_kernel is not None else None)
+                    int4_kernel=int4_kernel.value if int4_kernel is not None else None,
+                    attention_kernel=attention_kernel.value if attention_kernel is not None else None)
 
 
 def _summary(done: Any) -> str:
@@ -174,6 +179,7 @@ def generate(
     prefill_chunk: PrefillChunk = 512,
     kv_budget_gb: Budget = None,
     int4_kernel: Int4KernelOpt = None,
+    attention_kernel: AttentionKernelOpt = None,
 ) -> None:
     """Generate one answer (streamed to stdout, or as JSON)."""
     given = [name for name, v in (("--prompt", prompt), ("--prompt-ids", prompt_ids), ("--messages", messages))
@@ -181,7 +187,7 @@ def generate(
     if len(given) != 1:
         raise ValueError(f"give exactly one of --prompt, --prompt-ids, --messages (got {given or 'none'})")
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
-    llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb, int4_kernel)
+    llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb, int4_kernel, attention_kernel)
     sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                 "repetition_penalty": repetition_penalty, "seed": seed, "stop": stop, "truncate": truncate}
     if ids is not None:
@@ -254,12 +260,13 @@ def chat(
     prefill_chunk: PrefillChunk = 512,
     kv_budget_gb: Budget = None,
     int4_kernel: Int4KernelOpt = None,
+    attention_kernel: AttentionKernelOpt = None,
 ) -> None:
     """Interactive multi-turn chat, streamed. /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops an answer.
 
     Each turn reuses the conversation's KV cache: only the new message is prefilled.
     """
-    llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb, int4_kernel)
+    llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb, int4_kernel, attention_kernel)
     if llm.tokenizer is None:
         raise ValueError(f"{artifact} has no tokenizer, and chat is text in, text out; use "
                          f"`glm-runtime generate {artifact} --prompt-ids ...` with token ids")
@@ -384,6 +391,7 @@ def serve(
     prefill_chunk: PrefillChunk = 512,
     kv_budget_gb: Budget = None,
     int4_kernel: Int4KernelOpt = None,
+    attention_kernel: AttentionKernelOpt = None,
     ray: Annotated[bool, typer.Option("--ray", help="Serve through Ray Serve (replicas, autoscaling, replacement "
                                                      "of failed replicas; pip install 'glm-runtime[ray]'). "
                                                      "docs/scale-out.md.")] = False,
@@ -407,7 +415,7 @@ def serve(
         _serve_ray(artifact, host, port, api_key_file, max_concurrency, max_queue, max_model_len, max_tokens_limit,
                    max_body_bytes, model_name, shutdown_timeout, threads, provider, verify, prefill_chunk,
                    kv_budget_gb, replicas, autoscale, router, ray_address, replica_cpus, prefix_cache_gb,
-                   body_timeout, int4_kernel)
+                   body_timeout, int4_kernel, attention_kernel)
         return
     try:
         from glm_runtime import server
@@ -417,7 +425,7 @@ def serve(
     from glm_runtime.scheduler import Scheduler
 
     key = server.read_api_key(api_key_file) if api_key_file is not None else None
-    llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb, int4_kernel)
+    llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb, int4_kernel, attention_kernel)
     scheduler = Scheduler(llm.engine, max_concurrency=max_concurrency, max_queue=max_queue,
                           prefill_chunk=prefill_chunk, kv_budget_bytes=llm.generator.kv_budget_bytes,
                           max_cache_len=max_model_len,
@@ -439,7 +447,8 @@ def _serve_ray(artifact: Path, host: str, port: int, api_key_file: Path | None, 
                shutdown_timeout: float, threads: int | None, provider: list[str] | None, verify: Verify,
                prefill_chunk: int, kv_budget_gb: float | None, replicas: int, autoscale: str | None, router: str,
                ray_address: str | None, replica_cpus: float | None, prefix_cache_gb: float | None,
-               body_timeout: float, int4_kernel: Int4Kernel | None = None) -> None:
+               body_timeout: float, int4_kernel: Int4Kernel | None = None,
+               attention_kernel: Int4Kernel | None = None) -> None:
     """``serve --ray``: the same app on Ray Serve (glm_runtime.ray_app, imported only here: ray is optional).
     The connection-level options (--max-connections, --head-timeout, --send-timeout) are Ray's proxy's there
     (docs/reliability.md); the in-app ones (--body-timeout, request slots) hold in every replica."""
@@ -459,7 +468,8 @@ def _serve_ray(artifact: Path, host: str, port: int, api_key_file: Path | None, 
                                 str(api_key_file.resolve()) if api_key_file is not None else None, max_concurrency,
                                 max_queue, max_model_len, max_tokens_limit, max_body_bytes, threads, provider,
                                 verify.value, prefill_chunk, kv_budget_gb, prefix_cache_gb, body_timeout,
-                                int4_kernel.value if int4_kernel is not None else None)
+                                int4_kernel.value if int4_kernel is not None else None,
+                                attention_kernel.value if attention_kernel is not None else None)
     scale = ray_app.parse_autoscale(autoscale)
     ray_app.deployment_options(cfg, replicas, scale, router)  # bad flags fail before Ray starts
     what = f"{scale[0]}-{scale[1]} replicas (autoscaled)" if scale else f"{replicas} replica(s)"

@@ -10,6 +10,11 @@ Runtime's kernel with the same numbers (both quantize activations to int8 per bl
 What it takes: 4-bit weights without zero points (glm-export's default), float32 activations, the CPU provider.
 A graph with anything else is refused by ONNX Runtime's schema check or counted by the library when the session
 creates its kernels; the engine then builds the session again without it and says why.
+
+The same library carries a second kernel, ONNX's ``Attention`` (``csrc/attention.c``, any precision's graph):
+ONNX Runtime's CPU Attention computes every slot of the KV buffer, this one only the slots the mask admits, once
+per KV group. It is registered in the ONNX domain for a session only on request (``configure(attention=...)``),
+on AVX-512 CPUs (``attention_unavailable``), and a node of another form goes back to ONNX Runtime's.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ log = logging.getLogger(__name__)
 MODULE = "glm_runtime._q4_matmul"
 MODES = ("auto", "ort")
 ENV = "GLM_RUNTIME_INT4_KERNEL"
+ATTENTION_ENV = "GLM_RUNTIME_ATTENTION_KERNEL"
 
 
 @dataclass(frozen=True)
@@ -54,15 +60,51 @@ class Q4Kernel:
     def describe(self) -> str:
         return f"glm-runtime int4 kernel ({self.isa}, {self.threads} threads)"
 
+    def attention_calls(self) -> int:
+        """How many Attention nodes the library's attention (csrc/attention.c) has run."""
+        return int(self.lib.glm_attention_calls())
 
-def configure(opts: Any, kernel: Q4Kernel) -> list[str]:
+    def attention_unsupported(self) -> int:
+        """Attention nodes it was asked to create with attributes it does not implement."""
+        return int(self.lib.glm_attention_unsupported())
+
+    def attention_bad_inputs(self) -> int:
+        """Attention runs refused because the inputs are not Q, K, V [batch, heads, rows, dim] and a bool mask
+        [batch or 1, 1, rows, slots]."""
+        return int(self.lib.glm_attention_bad_inputs())
+
+
+def attention_unavailable(kernel: Q4Kernel) -> str | None:
+    """Why the library's Attention should not stand in on this CPU, or None. Only its AVX-512 path is faster than
+    ONNX Runtime's; the AVX2 and scalar paths exist for tests. Whether a graph's Attention nodes have the form it
+    implements is checked where the runtime can see them without the onnx package: attributes when the session
+    creates the kernels (Q4Kernel.attention_unsupported), shapes on the engine's load-time step
+    (Q4Kernel.attention_bad_inputs); either sends the graph back to ONNX Runtime's Attention."""
+    isa = kernel.lib.glm_attention_isa().decode()
+    return None if isa == "avx512" else f"the runtime's attention has no fast path on this CPU ({isa})"
+
+
+ATTENTION_OFF, ATTENTION_POOL, ATTENTION_CALLING_THREAD = 0, 1, 2
+
+
+def configure(opts: Any, kernel: Q4Kernel, matmul: bool = True, attention: int = 0) -> list[str]:
     """Put ``kernel`` into ONNX Runtime session options ``opts``; returns the graph optimizers to disable.
+
+    ``matmul``: its MatMulNBits stands in for ONNX Runtime's. ``attention``: its Attention too, with the work
+    split over its pool (``ATTENTION_POOL``, for int4 sessions whose matmuls use that pool) or on the calling
+    thread (``ATTENTION_CALLING_THREAD``: in a session whose matmuls run on ONNX Runtime's pool, a second pool
+    spinning beside it would take a core from it); 0: not.
 
     ORT's MatMulNBits+Add fusion writes the 6-input form (bias as input 5) and the kernel takes 3, so the bias Add
     stays a node (4608 floats on GLM-4-9B's qkv: nothing beside its weights). ORT's pool and the kernel's share
     the cores: ORT's workers spinning between ops took a core from the kernel (GLM-4-9B int4 decode 2.2 tok/s with
     spinning, 4.5 without), so they sleep instead."""
-    opts.register_custom_ops_library(str(kernel.path))
+    with _lock:  # the library reads what to register when ONNX Runtime calls it, inside this call
+        kernel.lib.glm_q4_select(int(matmul), attention)
+        opts.register_custom_ops_library(str(kernel.path))
+        kernel.lib.glm_q4_select(1, 0)
+    if not matmul:
+        return []
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ["MatMulNBitsFusion"]
 
@@ -79,13 +121,20 @@ def library_path() -> Path | None:
     return Path(spec.origin) if spec and spec.origin else None
 
 
-def resolve_mode(mode: str | None) -> str:
-    """``mode`` if given, else $GLM_RUNTIME_INT4_KERNEL, else ``auto``; an unknown value is an error."""
-    value = mode if mode is not None else os.environ.get(ENV, "auto")
+def resolve_mode(mode: str | None, env: str = ENV) -> str:
+    """``mode`` if given, else $``env`` (GLM_RUNTIME_INT4_KERNEL or GLM_RUNTIME_ATTENTION_KERNEL), else ``auto``;
+    an unknown value is an error."""
+    value = mode if mode is not None else os.environ.get(env, "auto")
     if value not in MODES:
-        raise ValueError(f"int4 kernel must be one of {', '.join(MODES)}, got {value!r}"
-                         + (f" (from ${ENV})" if mode is None else ""))
+        what = "int4 kernel" if env == ENV else "attention kernel"
+        raise ValueError(f"{what} must be one of {', '.join(MODES)}, got {value!r}"
+                         + (f" (from ${env})" if mode is None else ""))
     return value
+
+
+def attention_isa() -> str:
+    """The path the library's attention takes on this CPU (``avx512``, ``avx2`` or ``scalar``)."""
+    return _loaded.lib.glm_attention_isa().decode() if _loaded is not None else "not loaded"
 
 
 def load(threads: int | None) -> Q4Kernel | None:
@@ -112,6 +161,12 @@ def load(threads: int | None) -> Q4Kernel | None:
         lib.glm_q4_calls.restype = ctypes.c_long
         lib.glm_q4_unsupported.restype = ctypes.c_long
         lib.glm_q4_bad_inputs.restype = ctypes.c_long
+        lib.glm_attention_calls.restype = ctypes.c_long
+        lib.glm_attention_unsupported.restype = ctypes.c_long
+        lib.glm_attention_bad_inputs.restype = ctypes.c_long
+        lib.glm_q4_select.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.glm_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int]
+        lib.glm_attention_isa.restype = ctypes.c_char_p
         lib.glm_q4_set_threads.argtypes = [ctypes.c_int]
         lib.glm_q4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]

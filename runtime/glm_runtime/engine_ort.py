@@ -106,7 +106,8 @@ class OrtEngine:
     """:class:`glm_runtime.engine.Engine` on ONNX Runtime (CPU, CUDA or ORT's TensorRT provider)."""
 
     def __init__(self, model_path: Path, config: ModelConfig, providers: list[str] | None = None,
-                 threads: int | None = None, log_severity: int = 2, int4_kernel: str | None = None) -> None:
+                 threads: int | None = None, log_severity: int = 2, int4_kernel: str | None = None,
+                 attention_kernel: str = "auto") -> None:
         self.config = config
         self.model_path = Path(model_path)
         requested = providers or default_providers()
@@ -120,19 +121,42 @@ class OrtEngine:
         t0 = time.perf_counter()
         # int4_kernel: None = not an int4 graph; "auto" = the runtime's kernel when it is built and the session is
         # CPU-only; "ort" = ONNX Runtime's MatMulNBits (cpu_kernel.py says why there are two).
+        # attention_kernel: "auto" = the runtime's Attention (csrc/attention.c) when the library is built, the
+        # session is CPU-only and every Attention node has the form it implements; "ort" = ONNX Runtime's.
+        cpu_only = requested == ["CPUExecutionProvider"]
         kernel = None
-        if int4_kernel == "auto" and requested == ["CPUExecutionProvider"]:
+        if cpu_only and (int4_kernel == "auto" or attention_kernel == "auto"):
             kernel = cpu_kernel.load(threads)
+        q4 = kernel is not None and int4_kernel == "auto"
+        self.attention = cpu_kernel.ATTENTION_OFF
+        if kernel is not None and attention_kernel == "auto":
+            why_not = cpu_kernel.attention_unavailable(kernel)
+            if why_not is None:
+                # int4: the matmuls run on the library's pool, which is warm at attention time; otherwise ONNX
+                # Runtime's pool runs them and a second pool spinning beside it would take a core from it
+                self.attention = cpu_kernel.ATTENTION_POOL if q4 else cpu_kernel.ATTENTION_CALLING_THREAD
+            else:
+                log.info("ONNX Runtime's Attention: %s", why_not)
+        if not q4 and not self.attention:
+            kernel = None
         self.int4_kernel = "ONNX Runtime MatMulNBits" if int4_kernel else None
-        self.session, why = self._create_session(threads, log_severity, requested, kernel)
+        self.session, why = self._create_session(threads, log_severity, requested, kernel, q4)
         if kernel is not None and why is None:
-            self.int4_kernel = kernel.describe()
+            if q4:
+                self.int4_kernel = kernel.describe()
         elif kernel is not None:
-            log.warning("the runtime's int4 kernel cannot run this graph (%s): using ONNX Runtime's", why)
+            log.warning("the runtime's CPU kernels cannot run this graph (%s): using ONNX Runtime's", why)
+            attention_only = self.attention and "Attention" in str(why)
+            self.attention = cpu_kernel.ATTENTION_OFF
+            if self.session is None and attention_only and q4:  # keep the int4 kernel
+                self.session, why = self._create_session(threads, log_severity, requested, kernel, q4)
+                if self.session is not None and why is None:
+                    self.int4_kernel = kernel.describe()
             if self.session is None:
-                self.session, _ = self._create_session(threads, log_severity, requested, None)
-        log.info("model loaded in %.1f s%s", time.perf_counter() - t0,
-                 f"; int4 matmuls: {self.int4_kernel}" if self.int4_kernel else "")
+                self.session, _ = self._create_session(threads, log_severity, requested, None, False)
+        log.info("model loaded in %.1f s%s%s", time.perf_counter() - t0,
+                 f"; int4 matmuls: {self.int4_kernel}" if self.int4_kernel else "",
+                 f"; attention: {self.attention_kernel}")
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         self._check_io()
@@ -140,19 +164,31 @@ class OrtEngine:
         self.itemsize = self._dtype.itemsize
         self._run_s = 0.0
         self._cache_names = [f"{kv}_{i}" for i in range(config.num_layers) for kv in ("key", "value")]
-        if kernel is not None and self.int4_kernel == kernel.describe() and not self._kernel_accepts_weights(kernel):
-            log.warning("the runtime's int4 kernel refused this graph's int4 weights (shapes that do not match "
-                        "their nodes): loading it on ONNX Runtime's kernel, which says what is wrong")
-            self.session, _ = self._create_session(threads, log_severity, requested, None)
-            self.int4_kernel = "ONNX Runtime MatMulNBits"
+        q4_used = kernel is not None and self.int4_kernel == kernel.describe()
+        if q4_used or (kernel is not None and self.attention):
+            q4_ok, attention_ok = self._kernels_accept_inputs(kernel)
+            if not attention_ok:
+                log.warning("the runtime's attention refused this graph's Attention inputs (not the form glm-export "
+                            "writes): using ONNX Runtime's")
+                self.attention = cpu_kernel.ATTENTION_OFF
+            if not q4_ok:  # a damaged artifact: ONNX Runtime alone, whose load check names the tensor
+                log.warning("the runtime's int4 kernel refused this graph's int4 weights (shapes that do not match "
+                            "their nodes): loading it on ONNX Runtime's kernel, which says what is wrong")
+                self.int4_kernel = "ONNX Runtime MatMulNBits"
+                self.attention = cpu_kernel.ATTENTION_OFF
+                self.session, _ = self._create_session(threads, log_severity, requested, None, False)
+            elif not attention_ok:
+                self.session, _ = self._create_session(threads, log_severity, requested,
+                                                       kernel if q4_used else None, q4_used)
 
-    def _kernel_accepts_weights(self, kernel: cpu_kernel.Q4Kernel) -> bool:
-        """One step on one token: the kernel checks each node's weights against its attributes when it first runs
-        it (ONNX Runtime's own kernel does so at load, and API version 8 shows a kernel no weights before). A
-        refusal sends the artifact to ONNX Runtime's kernel, whose load error names the tensor. The step also
-        pages the weights in, which the first request would otherwise wait for."""
-        refused = kernel.bad_inputs()
-        cache = self.allocate(1, 1)
+    def _kernels_accept_inputs(self, kernel: cpu_kernel.Q4Kernel) -> tuple[bool, bool]:
+        """One step on one token, in a two-slot buffer: the int4 kernel checks each node's weights against its
+        attributes when it first runs it (ONNX Runtime's own kernel does so at load, and API version 8 shows a
+        kernel no weights before), the attention each node's input shapes. Returns (int4 kernel accepted,
+        attention accepted). A refused weight sends the artifact to ONNX Runtime's kernel, whose load error names
+        the tensor. The step also pages the weights in, which the first request would otherwise wait for."""
+        refused, attention_refused = kernel.bad_inputs(), kernel.attention_bad_inputs()
+        cache = self.allocate(1, 2)
         for name in ("input_ids", "position_ids", "logits_index"):
             cache.binding.bind_cpu_input(name, np.zeros((1, 1), np.int64))
         quiet = ort.RunOptions()
@@ -161,27 +197,37 @@ class OrtEngine:
             self.session.run_with_iobinding(cache.binding, quiet)
         except Exception:  # that same refusal, as ORT raises it
             pass
-        return kernel.bad_inputs() == refused
+        return kernel.bad_inputs() == refused, kernel.attention_bad_inputs() == attention_refused
+
+    @property
+    def attention_kernel(self) -> str:
+        if self.attention == cpu_kernel.ATTENTION_OFF:
+            return "ONNX Runtime Attention"
+        where = "its pool" if self.attention == cpu_kernel.ATTENTION_POOL else "the calling thread"
+        return f"glm-runtime attention ({cpu_kernel.attention_isa()}, on {where})"
 
     def _create_session(self, threads: int | None, log_severity: int, providers: list[str],
-                        kernel: cpu_kernel.Q4Kernel | None) -> tuple[ort.InferenceSession | None, str | None]:
+                        kernel: cpu_kernel.Q4Kernel | None,
+                        q4: bool) -> tuple[ort.InferenceSession | None, str | None]:
         """The session, and with ``kernel`` why it cannot be used (None: it is in use; no session: build one
-        without it). The kernel stands in for MatMulNBits in this session only."""
+        without it). The kernel stands in for MatMulNBits (``q4``) and Attention (``self.attention``) in this
+        session only."""
         opts = ort.SessionOptions()
         opts.log_severity_level = log_severity
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        before, disabled = 0, []
+        before, disabled, attention_before = 0, [], 0
         if kernel is not None:
-            disabled = cpu_kernel.configure(opts, kernel)
+            disabled = cpu_kernel.configure(opts, kernel, matmul=q4, attention=self.attention)
             before = kernel.unsupported()
+            attention_before = kernel.attention_unsupported()
         try:
             session = ort.InferenceSession(str(self.model_path), opts, providers=providers,
                                            disabled_optimizers=disabled or None)
         except Exception as e:  # ORT raises its own pybind types (Fail, InvalidGraph, NotImplemented)
-            if kernel is not None and "MatMulNBits" in str(e):  # its schema: 3 inputs (no zero points), float
-                return None, str(e).splitlines()[0][:300]
+            if kernel is not None and ("MatMulNBits" in str(e) or "Attention" in str(e)):
+                return None, str(e).splitlines()[0][:300]  # their schemas: 3 inputs (no zero points), float; 4 -> 1
             raise ArtifactError(f"ONNX Runtime {ort.__version__} cannot load {self.model_path}: {e}\n"
                                 + ort_load_advice(str(e))) from e
         if kernel is None:
@@ -191,6 +237,8 @@ class OrtEngine:
         if kernel.unsupported() != before:
             return None, (f"{kernel.unsupported() - before} MatMulNBits nodes are not 4-bit with accuracy_level 4 "
                           "and a power-of-two block")
+        if kernel.attention_unsupported() != attention_before:
+            return None, f"{kernel.attention_unsupported() - attention_before} Attention nodes have other attributes"
         return session, None
 
     def _check_io(self) -> None:
@@ -222,6 +270,8 @@ class OrtEngine:
 
     def describe(self) -> str:
         kernel = f", int4: {self.int4_kernel}" if self.int4_kernel else ""
+        if self.attention:
+            kernel += f", attention: {self.attention_kernel}"
         return f"onnxruntime {ort.__version__} {self.providers[0]} ({self.cache_dtype} KV cache{kernel})"
 
     def allocate(self, batch: int, cache_len: int) -> OrtKVCache:
@@ -368,8 +418,10 @@ class OrtEngine:
 
 
 def load_engine(artifact: Path, manifest: dict[str, Any], config: ModelConfig, providers: list[str] | None = None,
-                threads: int | None = None, log_severity: int = 2, int4_kernel: str | None = None) -> OrtEngine:
-    """``int4_kernel``: ``auto`` / ``ort`` (default: $GLM_RUNTIME_INT4_KERNEL, else auto); used by int4 artifacts."""
+                threads: int | None = None, log_severity: int = 2, int4_kernel: str | None = None,
+                attention_kernel: str | None = None) -> OrtEngine:
+    """``int4_kernel``: ``auto`` / ``ort`` (default: $GLM_RUNTIME_INT4_KERNEL, else auto); used by int4 artifacts.
+    ``attention_kernel``: ``auto`` / ``ort`` (default: $GLM_RUNTIME_ATTENTION_KERNEL, else auto)."""
     graph = manifest.get("graph", {})
     path = Path(artifact) / graph.get("file", "model.onnx")
     if not path.is_file():
@@ -377,7 +429,8 @@ def load_engine(artifact: Path, manifest: dict[str, Any], config: ModelConfig, p
     warn_cpu_tuning(manifest)
     mode = cpu_kernel.resolve_mode(int4_kernel)
     return OrtEngine(path, config, providers, threads, log_severity,
-                     int4_kernel=mode if manifest.get("precision") == "int4" else None)
+                     int4_kernel=mode if manifest.get("precision") == "int4" else None,
+                     attention_kernel=cpu_kernel.resolve_mode(attention_kernel, cpu_kernel.ATTENTION_ENV))
 
 
 def warn_cpu_tuning(manifest: dict[str, Any]) -> str | None:

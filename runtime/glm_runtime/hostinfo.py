@@ -30,7 +30,7 @@ PACKAGES = ("glm-export", "glm-runtime", "onnxruntime", "onnxruntime-gpu", "onnx
             "transformers", "numpy", "tokenizers", "safetensors", "jinja2", "tensorrt", "tensorrt-rtx-cu13-bindings",
             "tensorrt-rtx-cu13-libs", "cuda-python", "fastapi", "uvicorn", "pydantic", "ray", "tiktoken")
 ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "CUDA_VISIBLE_DEVICES", "GLM_EXPORT_CACHE",
-            "ORT_DISABLE_ALL", "PYTHONPATH", "GLM_RUNTIME_INT4_KERNEL", "GLM_Q4_ISA")
+            "ORT_DISABLE_ALL", "PYTHONPATH", "GLM_RUNTIME_INT4_KERNEL", "GLM_RUNTIME_ATTENTION_KERNEL", "GLM_Q4_ISA")
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -129,14 +129,20 @@ def collect(path: Path | None = None) -> dict[str, Any]:
 
 
 def int4_kernel_info() -> dict[str, Any]:
-    """Whether the runtime's int4 CPU kernel (glm_runtime.cpu_kernel) is built, and the path it takes here."""
+    """Whether the runtime's CPU kernels (glm_runtime.cpu_kernel: int4 MatMulNBits, Attention) are built, and the
+    paths they take here."""
     from glm_runtime import cpu_kernel
 
     path = cpu_kernel.library_path()
     if path is None:
         return {"built": False}
     kernel = cpu_kernel.load(None)
-    return {"built": True, "path": str(path), "isa": kernel.isa if kernel else "none (no AVX2: ONNX Runtime's)"}
+    if kernel is None:
+        return {"built": True, "path": str(path), "isa": "none (no AVX2: ONNX Runtime's)",
+                "attention": "ONNX Runtime's (no AVX2)"}
+    why_not = cpu_kernel.attention_unavailable(kernel)
+    return {"built": True, "path": str(path), "isa": kernel.isa,
+            "attention": f"ONNX Runtime's ({why_not})" if why_not else f"the runtime's ({cpu_kernel.attention_isa()})"}
 
 
 def _gib(n: int | None) -> str:
@@ -152,8 +158,9 @@ def render(info: dict[str, Any]) -> str:
         f"CPU ISA (as ONNX Runtime dispatches): {' '.join(c['isa'])}",
         f"int8 dot product (VNNI/AMX/dotprod): {'unknown' if c['int8_dot_product'] is None else c['int8_dot_product']}",
         f"ONNX Runtime: {o.get('version', o.get('error'))}; providers: {', '.join(o.get('providers', []))}",
-        "int4 kernel: " + (f"built, {info['int4_kernel']['isa']}" if info["int4_kernel"]["built"]
-                           else "not built (no C compiler at install): ONNX Runtime's MatMulNBits"),
+        "int4 kernel: " + (f"built, {info['int4_kernel']['isa']}; attention: {info['int4_kernel']['attention']}"
+                           if info["int4_kernel"]["built"]
+                           else "not built (no C compiler at install): ONNX Runtime's MatMulNBits and Attention"),
         "GPU: " + ("; ".join(f"{g.get('name')} (compute capability {g.get('compute_capability')}, "
                              f"{g.get('memory')}, driver {g.get('driver')})" if "error" not in g else g["error"]
                              for g in info["gpus"]) or "none (no nvidia-smi)"),

@@ -77,6 +77,8 @@ class ReplicaConfig:
     body_timeout: float = 30.0
     #: ``serve --int4-kernel``: auto / ort (None: $GLM_RUNTIME_INT4_KERNEL on the replica, else auto).
     int4_kernel: str | None = None
+    #: ``serve --attention-kernel``: auto / ort (None: $GLM_RUNTIME_ATTENTION_KERNEL on the replica, else auto).
+    attention_kernel: str | None = None
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ReplicaConfig:
@@ -132,7 +134,8 @@ class GLMReplica:
         key = read_api_key(cfg.api_key_file) if cfg.api_key_file else None
         budget = int(cfg.kv_budget_gb * 1e9) if cfg.kv_budget_gb is not None else None
         self.llm = load(cfg.artifact, providers=cfg.providers, threads=cfg.threads, verify=cfg.verify,
-                        prefill_chunk=cfg.prefill_chunk, kv_budget_bytes=budget, int4_kernel=cfg.int4_kernel)
+                        prefill_chunk=cfg.prefill_chunk, kv_budget_bytes=budget, int4_kernel=cfg.int4_kernel,
+                        attention_kernel=cfg.attention_kernel)
         prefix = int(cfg.prefix_cache_gb * 1e9) if cfg.prefix_cache_gb is not None else None
         self.scheduler = Scheduler(self.llm.engine, max_concurrency=cfg.max_concurrency, max_queue=cfg.max_queue,
                                    prefill_chunk=cfg.prefill_chunk, kv_budget_bytes=self.llm.generator.kv_budget_bytes,
