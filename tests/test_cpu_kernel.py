@@ -31,11 +31,12 @@ U32 = float(np.finfo(np.float32).eps) / 2
 # (K, N, block, M): K tails (352 = 2 x 128 + 96, 96 < 128), odd N (pairs of weight rows in prefill), M over the
 # 64-row prefill block and not a multiple of 4, M >= 16 (the across-rows prefill kernel, with partial 32-row
 # tiles), every block size the builder writes and two more; decode (M = 1) at block 32 and at 128 and 256 (one
-# weight scale per 128-element chunk: a broadcast).
+# weight scale per 128-element chunk: a broadcast); the AMX prefill (K and block multiples of 64, M >= 16) over its
+# 256-row work items, with a partial 16-row tile and partial 32-column tiles.
 CASES = [(256, 72, 32, 1), (4096, 67, 32, 1), (13696, 40, 32, 1), (352, 9, 32, 5), (96, 5, 32, 7),
          (512, 33, 64, 6), (384, 40, 128, 3), (512, 9, 256, 4), (4096, 130, 32, 70), (128, 3, 16, 2),
          (4096, 70, 128, 33), (352, 45, 32, 20), (13696, 37, 32, 17), (4096, 40, 128, 1), (13696, 24, 128, 1),
-         (768, 11, 256, 1)]
+         (768, 11, 256, 1), (4096, 70, 128, 300), (13696, 37, 128, 40), (512, 33, 64, 20), (768, 20, 256, 17)]
 
 
 def case_data(k: int, n: int, block: int, m: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -93,18 +94,22 @@ def test_the_kernel_is_built_and_used_on_this_cpu() -> None:
     if "avx2" not in cpu()["isa"]:
         assert kernel is None
         pytest.skip("this CPU has no AVX2: the runtime uses ONNX Runtime's MatMulNBits")
-    assert kernel is not None and kernel.isa in ("avx2", "avx512vnni")
+    assert kernel is not None and kernel.isa in ("avx2", "avx512vnni", "avx512vnni+amx")
 
 
-@pytest.mark.parametrize("isa", ["native", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["native", "avx512vnni", "avx2", "scalar"])
 def test_matches_the_quantized_arithmetic(isa: str, tmp_path: Path) -> None:
     """Every code path (forced with GLM_Q4_ISA, one process each: the path is chosen once) against the reference:
-    decode (M = 1, rows split between threads) and prefill (2 x 4 blocking, tiles, tails)."""
+    decode (M = 1, rows split between threads) and prefill (2 x 4 blocking, tiles, tails; AMX tiles where the CPU
+    has AMX: `native` there, `avx512vnni` forces the path without)."""
     path = cpu_kernel.library_path()
     assert path is not None
     flags = set(cpu()["isa"])
+    vnni512 = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags
     if isa == "avx2" and "avx2" not in flags:
         pytest.skip("this CPU has no AVX2")
+    if isa == "avx512vnni" and not vnni512:
+        pytest.skip("this CPU has no AVX-512 VNNI")
     data = {"count": np.array(len(CASES))}
     refs = []
     for i, (k, n, block, m) in enumerate(CASES):
@@ -116,8 +121,9 @@ def test_matches_the_quantized_arithmetic(isa: str, tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", RUNNER, str(path), str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
                    check=True, env=env, timeout=120)
     out = np.load(tmp_path / "out.npz")
-    want = {"scalar": "scalar", "avx2": "avx2",
-            "native": "avx512vnni" if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags else "avx2"}
+    amx = {"amx_tile", "amx_int8"} <= set(open("/proc/cpuinfo").read().split())
+    native = ("avx512vnni+amx" if amx else "avx512vnni") if vnni512 else "avx2"
+    want = {"scalar": "scalar", "avx2": "avx2", "avx512vnni": "avx512vnni", "native": native}
     assert str(out["isa"]) == want[isa]
     for i, (ref, bound) in enumerate(refs):
         err = np.abs(out[f"y{i}"].astype(np.float64) - ref)

@@ -31,7 +31,10 @@
 #include <string.h>
 #include <time.h>
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define Q4_X86 1
 #endif
 
@@ -353,6 +356,120 @@ static void rows_avx2(const Act *a, const uint8_t *B, const float *S, int n0, in
   }
   if (K % 64) rows_scalar(a, B, S, n0, n1, y, nc * 8, 1);
 }
+
+/* Prefill on AMX (Intel Sapphire Rapids and later): one TDPBSUD multiplies a 16 x 64 tile of int8 activations by
+ * a 64 x 16 tile of weight nibbles, 16 K products per instruction where vpdpbusd does 64. The activations of the
+ * whole call are laid out once (amx_layout: per 64-element chunk the 32 even then the 32 odd elements, the
+ * split-nibble order of the decode kernel), the weight nibbles of 32 rows are gathered once per work item into
+ * tile rows (row r < 8: the low nibbles of quad 8c + r of 16 weight rows; r >= 8: the high nibbles of quad
+ * 8c + r - 8), and each block's int32 sums are taken out of the tiles and scaled as in the other kernels: exact
+ * integer sums per block, then activation scale x weight scale in float32. Needs K and the block a multiple of 64;
+ * the nibbles' +8 offset is removed with the corrections (corr) summed per block. */
+#define AMX_MTILE 256   /* activation rows per work item: the gather of 32 weight rows is shared by all of them */
+
+typedef struct __attribute__((packed)) {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} TileConfig;
+
+static int amx_usable(void) {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1) || !((d >> 25) & 1)) return 0;
+  /* Linux hands out the tile data state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) */
+  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+/* Activation rows m0..m1 in the AMX order; A is M x K int8. */
+static void amx_layout(const Act *acts, int M, int K, int8_t *A) {
+  for (int m = 0; m < M; m++)
+    for (int c = 0; c < K / 64; c++) {
+      memcpy(A + (size_t)m * K + 64 * c, acts[m].xe + 32 * c, 32);
+      memcpy(A + (size_t)m * K + 64 * c + 32, acts[m].xo + 32 * c, 32);
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
+static void gemm_amx(const Act *acts, const int8_t *A, int m0, int m1, const uint8_t *B, const float *S, int n0,
+                     int n1, float *Y, size_t ystride) {
+  const int K = acts[m0].K, bs = acts[m0].bs, nb = K / bs, ng = K / 8, gpb = bs / 8, cpb = bs / 64;
+  const size_t pbytes = (size_t)K * 32, cbytes = ((size_t)(m1 - m0) * nb * 4 + 63) & ~(size_t)63;
+  uint8_t *P = aligned_alloc(64, pbytes + (size_t)nb * GEMM_NT * 4 + cbytes + 2 * 1024 + 16 * GEMM_NT * 4);
+  if (!P) {
+    for (int m = m0; m < m1; m++) rows_avx512vnni(&acts[m], B, S, n0, n1, Y + (size_t)m * ystride);
+    return;
+  }
+  float *St = (float *)(P + pbytes);
+  int32_t *csum = (int32_t *)(St + (size_t)nb * GEMM_NT), *C = (int32_t *)((uint8_t *)csum + cbytes);
+  float *F = (float *)(C + 512);
+  for (int m = m0; m < m1; m++)
+    for (int b = 0; b < nb; b++) {
+      int32_t t = 0;
+      for (int g = b * gpb; g < (b + 1) * gpb; g++) t += acts[m].corr[g];
+      csum[(size_t)(m - m0) * nb + b] = t;
+    }
+  TileConfig cfg;
+  memset(&cfg, 0, sizeof(cfg));
+  cfg.palette = 1;
+  for (int t = 0; t < 5; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+  _tile_loadconfig(&cfg);
+  const __m512i m4 = _mm512_set1_epi32(0x0F0F0F0F);
+  for (int t0 = n0; t0 < n1; t0 += GEMM_NT) {
+    const int nt = n1 - t0 < GEMM_NT ? n1 - t0 : GEMM_NT;
+    for (int h = 0; h < 2; h++) {
+      const int rows = nt - 16 * h < 0 ? 0 : nt - 16 * h > 16 ? 16 : nt - 16 * h;
+      const __mmask16 k = (__mmask16)(rows >= 16 ? 0xFFFF : (1u << rows) - 1);
+      const __m512i vindex = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(K / 2));
+      const uint8_t *base = B + (size_t)(t0 + 16 * h) * (K / 2);
+      for (int g = 0; g < ng; g++) {
+        const __m512i v = rows ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, vindex, base + 4 * g, 1)
+                               : _mm512_setzero_si512();
+        uint8_t *row = P + (size_t)(g / 8) * 2048 + (size_t)(g % 8) * 128 + 64 * h;
+        _mm512_store_si512(row, _mm512_and_si512(v, m4));
+        _mm512_store_si512(row + 8 * 128, _mm512_and_si512(_mm512_srli_epi32(v, 4), m4));
+      }
+    }
+    for (int r = 0; r < GEMM_NT; r++)
+      for (int b = 0; b < nb; b++) St[(size_t)b * GEMM_NT + r] = r < nt ? S[(size_t)(t0 + r) * nb + b] : 0.f;
+    const __mmask16 k0 = (__mmask16)(nt >= 16 ? 0xFFFF : (1u << nt) - 1);
+    const __mmask16 k1 = (__mmask16)(nt >= 32 ? 0xFFFF : nt > 16 ? (1u << (nt - 16)) - 1 : 0);
+    int m = m0;
+    for (; m + 16 <= m1; m += 16) {
+      for (int i = 0; i < 16 * GEMM_NT; i += 16) _mm512_store_ps(F + i, _mm512_setzero_ps());
+      for (int b = 0; b < nb; b++) {
+        _tile_zero(3);
+        _tile_zero(4);
+        for (int c = b * cpb; c < (b + 1) * cpb; c++) {
+          _tile_loadd(0, A + (size_t)m * K + 64 * c, K);
+          _tile_loadd(1, P + (size_t)c * 2048, 128);
+          _tile_loadd(2, P + (size_t)c * 2048 + 64, 128);
+          _tile_dpbsud(3, 0, 1);
+          _tile_dpbsud(4, 0, 2);
+        }
+        _tile_stored(3, C, 64);
+        _tile_stored(4, C + 256, 64);
+        const __m512 s0 = _mm512_load_ps(St + (size_t)b * GEMM_NT), s1 = _mm512_load_ps(St + (size_t)b * GEMM_NT + 16);
+        for (int i = 0; i < 16; i++) {
+          const __m512i cs = _mm512_set1_epi32(csum[(size_t)(m + i - m0) * nb + b]);
+          const __m512 sx = _mm512_set1_ps(acts[m + i].sl[b * gpb]);
+          const __m512 a0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_load_si512(C + 16 * i), cs)), sx);
+          const __m512 a1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_load_si512(C + 256 + 16 * i), cs)), sx);
+          _mm512_store_ps(F + 32 * i, _mm512_fmadd_ps(a0, s0, _mm512_load_ps(F + 32 * i)));
+          _mm512_store_ps(F + 32 * i + 16, _mm512_fmadd_ps(a1, s1, _mm512_load_ps(F + 32 * i + 16)));
+        }
+      }
+      for (int i = 0; i < 16; i++) {
+        float *y = Y + (size_t)(m + i) * ystride + t0;
+        _mm512_mask_storeu_ps(y, k0, _mm512_load_ps(F + 32 * i));
+        _mm512_mask_storeu_ps(y + 16, k1, _mm512_load_ps(F + 32 * i + 16));
+      }
+    }
+    for (; m < m1; m++) rows_avx512vnni(&acts[m], B, S, t0, t0 + nt, Y + (size_t)m * ystride);
+  }
+  _tile_release();
+  free(P);
+}
 #endif
 
 typedef void (*RowsFn)(const Act *, const uint8_t *, const float *, int, int, float *);
@@ -366,6 +483,7 @@ static Rows4Fn rows4_impl;   /* NULL: prefill runs rows_impl once per activation
 typedef void (*GemmFn)(const Act *, int, int, const uint8_t *, const float *, int, int, int, float *, size_t);
 static GemmFn gemm_impl;     /* NULL: no across-rows prefill kernel on this path */
 static const char *isa_name = "scalar";
+static int amx_on;           /* prefill on AMX tiles (gemm_amx) where K and the block allow it */
 
 static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
 static void choose_isa_once(void);
@@ -380,7 +498,9 @@ static void choose_isa_once(void) {
   if (force && strcmp(force, "scalar") == 0) return;
   if (has512 && !(force && strcmp(force, "avx2") == 0)) {
     rows_impl = rows_avx512vnni; rows4_impl = rows4_avx512vnni; gemm_impl = gemm_avx512vnni;
-    act_impl32 = act_prepare_avx2; isa_name = "avx512vnni"; return;
+    act_impl32 = act_prepare_avx2; isa_name = "avx512vnni";
+    if (!(force && strcmp(force, "avx512vnni") == 0) && amx_usable()) { amx_on = 1; isa_name = "avx512vnni+amx"; }
+    return;
   }
   if (has2) { rows_impl = rows_avx2; act_impl32 = act_prepare_avx2; isa_name = "avx2"; }
 #else
@@ -401,6 +521,8 @@ typedef struct {
   int tiles, tile;          /* M == 1: contiguous row ranges per thread; M > 1: tiles of rows, taken in turn */
   atomic_int next;
   void (*task)(void *, int, int); void *task_arg;   /* set: a job of another kernel (glm_pool_run) */
+  const int8_t *amx_a;      /* set: prefill on AMX, the activations in amx_layout; work items of AMX_MTILE rows */
+  int mtile;
 } Job;
 
 static int pool_threads = 1;
@@ -427,10 +549,16 @@ static void run_share(Job *j, int who, int nthreads) {
    * threads share one block's activations in L2 while they stream different weight tiles */
   const int ntiles = (j->N + j->tile - 1) / j->tile;
   for (int t; (t = atomic_fetch_add(&j->next, 1)) < j->tiles;) {
-    const int mb = (t / ntiles) * MTILE, nt = t % ntiles;
-    const int m1 = mb + MTILE < j->M ? mb + MTILE : j->M;
+    const int mb = (t / ntiles) * j->mtile, nt = t % ntiles;
+    const int m1 = mb + j->mtile < j->M ? mb + j->mtile : j->M;
     const int n0 = nt * j->tile, n1 = n0 + j->tile < j->N ? n0 + j->tile : j->N;
     int m = mb;
+#ifdef Q4_X86
+    if (j->amx_a) {
+      gemm_amx(j->acts, j->amx_a, mb, m1, j->B, j->S, n0, n1, j->Y, (size_t)j->N);
+      continue;
+    }
+#endif
     if (gemm_impl && j->M >= GEMM_MIN_M) {
       gemm_impl(j->acts, mb, m1, j->B, j->S, j->N, n0, n1, j->Y, (size_t)j->N);
       continue;
@@ -528,11 +656,19 @@ int glm_q4_matmul(const float *X, int M, int K, const uint8_t *B, const float *S
   Act *acts = malloc(sizeof(Act) * (size_t)M);
   if (!mem || !acts) { free(mem); free(acts); return -2; }
   for (int m = 0; m < M; m++) act_prepare(X + (size_t)m * K, K, bs, mem + per * (size_t)m, &acts[m]);
-  Job j = {.acts = acts, .M = M, .B = B, .S = S, .N = N, .Y = Y, .tile = 64};
-  j.tiles = ((N + j.tile - 1) / j.tile) * ((M + MTILE - 1) / MTILE);
+  Job j = {.acts = acts, .M = M, .B = B, .S = S, .N = N, .Y = Y, .tile = 64, .mtile = MTILE};
+  int8_t *amx_a = NULL;
+#ifdef Q4_X86
+  if (amx_on && M >= GEMM_MIN_M && K % 64 == 0 && bs % 64 == 0 && (amx_a = aligned_alloc(64, (size_t)M * K))) {
+    amx_layout(acts, M, K, amx_a);
+    j.amx_a = amx_a;
+    j.mtile = AMX_MTILE;
+  }
+#endif
+  j.tiles = ((N + j.tile - 1) / j.tile) * ((M + j.mtile - 1) / j.mtile);
   atomic_init(&j.next, 0);
   run_job(&j);
-  free(mem); free(acts);
+  free(mem); free(acts); free(amx_a);
   return 0;
 }
 
