@@ -279,3 +279,17 @@ def test_engine_falls_back_for_another_form(kernel: cpu_kernel.Q4Kernel, tiny_ar
     assert any("Attention nodes have other attributes" in r.getMessage() for r in caplog.records)
     theirs, _ = engine_logits(art, "ort", verify="none")
     assert np.array_equal(ours[0], theirs[0])
+
+
+def test_16_bit_artifacts_keep_onnx_runtimes_attention(kernel: cpu_kernel.Q4Kernel, tiny_checkpoint: Path,
+                                                       tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The kernel is float32; an fp16 graph's Attention stays ONNX Runtime's without a failed session first."""
+    import logging
+
+    from glm_export.build import build_artifact
+
+    build_artifact(tiny_checkpoint, tmp_path / "fp16", "fp16", validate=False, backend="onnxruntime")
+    with caplog.at_level(logging.WARNING, logger="glm_runtime.engine_ort"):
+        out, desc = engine_logits(tmp_path / "fp16", "auto")
+    assert "glm-runtime attention" not in desc and np.isfinite(out[0]).all()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -351,7 +351,9 @@ int glm_attention(const float *q, const float *k, const float *v, const unsigned
   pthread_once(&attn_once, attn_choose_isa);
   AttnJob j = {.q = q, .k = k, .v = v, .mask = mask, .y = y, .B = B, .Hq = Hq, .Hkv = Hkv, .S = S, .T = T,
                .D = D, .mask_b = mask_b, .scale = scale, .chunk = S < 16 ? S : 16};
-  j.units = B * Hkv * ((S + j.chunk - 1) / j.chunk);
+  const long long units = (long long)B * Hkv * ((S + j.chunk - 1) / j.chunk);
+  if (units > INT32_MAX) return -1;
+  j.units = (int)units;
   atomic_init(&j.next, 0);
   atomic_init(&j.done, 0);
   if (T == 0) {   /* nothing admitted anywhere */

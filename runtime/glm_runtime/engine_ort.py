@@ -428,9 +428,11 @@ def load_engine(artifact: Path, manifest: dict[str, Any], config: ModelConfig, p
         raise ArtifactError(f"{path} not found: this artifact has no ONNX graph for the ONNX Runtime engine")
     warn_cpu_tuning(manifest)
     mode = cpu_kernel.resolve_mode(int4_kernel)
+    attention = cpu_kernel.resolve_mode(attention_kernel, cpu_kernel.ATTENTION_ENV)
+    if manifest.get("precision") in ("fp16", "bf16"):  # 16-bit attention inputs: the kernel computes in float32
+        attention = "ort"
     return OrtEngine(path, config, providers, threads, log_severity,
-                     int4_kernel=mode if manifest.get("precision") == "int4" else None,
-                     attention_kernel=cpu_kernel.resolve_mode(attention_kernel, cpu_kernel.ATTENTION_ENV))
+                     int4_kernel=mode if manifest.get("precision") == "int4" else None, attention_kernel=attention)
 
 
 def warn_cpu_tuning(manifest: dict[str, Any]) -> str | None:
