@@ -36,6 +36,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #define Q4_X86 1
+#if defined(__has_include) && !defined(Q4_NO_AMX)
+#if __has_include(<amxtileintrin.h>) || __has_include(<amxintrin.h>)
+#define Q4_AMX 1   /* the compiler knows AMX (GCC 11+, clang 12+); older ones build the library without it */
+#endif
+#endif
 #endif
 
 #include "ort_abi.h"
@@ -357,8 +362,9 @@ static void rows_avx2(const Act *a, const uint8_t *B, const float *S, int n0, in
   if (K % 64) rows_scalar(a, B, S, n0, n1, y, nc * 8, 1);
 }
 
+#ifdef Q4_AMX
 /* Prefill on AMX (Intel Sapphire Rapids and later): one TDPBSUD multiplies a 16 x 64 tile of int8 activations by
- * a 64 x 16 tile of weight nibbles, 16 K products per instruction where vpdpbusd does 64. The activations of the
+ * a 64 x 16 tile of weight nibbles, 16 x 16 x 64 products per instruction where vpdpbusd does 64. The activations of the
  * whole call are laid out once (amx_layout: per 64-element chunk the 32 even then the 32 odd elements, the
  * split-nibble order of the decode kernel), the weight nibbles of 32 rows are gathered once per work item into
  * tile rows (row r < 8: the low nibbles of quad 8c + r of 16 weight rows; r >= 8: the high nibbles of quad
@@ -470,6 +476,7 @@ static void gemm_amx(const Act *acts, const int8_t *A, int m0, int m1, const uin
   _tile_release();
   free(P);
 }
+#endif  /* Q4_AMX */
 #endif
 
 typedef void (*RowsFn)(const Act *, const uint8_t *, const float *, int, int, float *);
@@ -483,7 +490,9 @@ static Rows4Fn rows4_impl;   /* NULL: prefill runs rows_impl once per activation
 typedef void (*GemmFn)(const Act *, int, int, const uint8_t *, const float *, int, int, int, float *, size_t);
 static GemmFn gemm_impl;     /* NULL: no across-rows prefill kernel on this path */
 static const char *isa_name = "scalar";
+#ifdef Q4_AMX
 static int amx_on;           /* prefill on AMX tiles (gemm_amx) where K and the block allow it */
+#endif
 
 static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
 static void choose_isa_once(void);
@@ -499,7 +508,9 @@ static void choose_isa_once(void) {
   if (has512 && !(force && strcmp(force, "avx2") == 0)) {
     rows_impl = rows_avx512vnni; rows4_impl = rows4_avx512vnni; gemm_impl = gemm_avx512vnni;
     act_impl32 = act_prepare_avx2; isa_name = "avx512vnni";
+#ifdef Q4_AMX
     if (!(force && strcmp(force, "avx512vnni") == 0) && amx_usable()) { amx_on = 1; isa_name = "avx512vnni+amx"; }
+#endif
     return;
   }
   if (has2) { rows_impl = rows_avx2; act_impl32 = act_prepare_avx2; isa_name = "avx2"; }
@@ -553,7 +564,7 @@ static void run_share(Job *j, int who, int nthreads) {
     const int m1 = mb + j->mtile < j->M ? mb + j->mtile : j->M;
     const int n0 = nt * j->tile, n1 = n0 + j->tile < j->N ? n0 + j->tile : j->N;
     int m = mb;
-#ifdef Q4_X86
+#ifdef Q4_AMX
     if (j->amx_a) {
       gemm_amx(j->acts, j->amx_a, mb, m1, j->B, j->S, n0, n1, j->Y, (size_t)j->N);
       continue;
@@ -658,7 +669,7 @@ int glm_q4_matmul(const float *X, int M, int K, const uint8_t *B, const float *S
   for (int m = 0; m < M; m++) act_prepare(X + (size_t)m * K, K, bs, mem + per * (size_t)m, &acts[m]);
   Job j = {.acts = acts, .M = M, .B = B, .S = S, .N = N, .Y = Y, .tile = 64, .mtile = MTILE};
   int8_t *amx_a = NULL;
-#ifdef Q4_X86
+#ifdef Q4_AMX
   if (amx_on && M >= GEMM_MIN_M && K % 64 == 0 && bs % 64 == 0 && (amx_a = aligned_alloc(64, (size_t)M * K))) {
     amx_layout(acts, M, K, amx_a);
     j.amx_a = amx_a;
