@@ -125,9 +125,7 @@ def decode_speed(artifact: Path, cfg, threads: int, prompt: int, tokens: int, ru
     kernel = cpu_kernel.load(threads) if int4_kernel or attention else None
     if int4_kernel and kernel is None:
         raise SystemExit("error: the runtime's int4 kernel is not built here (pip install -e ./runtime)")
-    mode = cpu_kernel.ATTENTION_OFF
-    if attention and kernel is not None and cpu_kernel.attention_unavailable(kernel) is None:
-        mode = cpu_kernel.ATTENTION_POOL if int4_kernel else cpu_kernel.ATTENTION_CALLING_THREAD
+    mode = cpu_kernel.attention_mode(kernel, int4_kernel) if attention and kernel is not None else 0
     if kernel is not None and (int4_kernel or mode):
         disabled = cpu_kernel.configure(opts, kernel, matmul=int4_kernel, attention=mode)
     sess = ort.InferenceSession(str(artifact / "model.onnx"), opts, providers=["CPUExecutionProvider"],

@@ -219,8 +219,19 @@ def test_counts_nodes_it_cannot_run(kernel: cpu_kernel.Q4Kernel) -> None:
 
 
 def test_only_its_avx512_path_stands_in(kernel: cpu_kernel.Q4Kernel) -> None:
-    why = cpu_kernel.attention_unavailable(kernel)
-    assert (why is None) == (kernel.lib.glm_attention_isa().decode() == "avx512")
+    """Used exactly where the CPU (as /proc/cpuinfo says) has AVX-512 F and VL, on the pool only beside the int4
+    kernel."""
+    import os
+
+    from glm_runtime.hostinfo import cpu
+
+    if os.environ.get("GLM_Q4_ISA"):
+        pytest.skip("GLM_Q4_ISA forces a path")
+    avx512 = {"avx512f", "avx512vl"} <= set(cpu()["isa"])
+    assert (cpu_kernel.attention_unavailable(kernel) is None) == avx512
+    modes = (cpu_kernel.attention_mode(kernel, True), cpu_kernel.attention_mode(kernel, False))
+    assert modes == ((cpu_kernel.ATTENTION_POOL, cpu_kernel.ATTENTION_CALLING_THREAD) if avx512
+                     else (cpu_kernel.ATTENTION_OFF, cpu_kernel.ATTENTION_OFF))
 
 
 # ---- through the engine, on the tiny fp32 artifact ----------------------------------------------------------------

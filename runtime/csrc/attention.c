@@ -72,26 +72,45 @@ static inline __attribute__((always_inline)) float exp_nonpositive(float x) {
   return p * scale * keep;
 }
 
+/* Query row i of batch entry b against KV group g: where its mask, K, V and output rows are, and how many slots
+ * count (tl: up to the last one the mask admits). Its G heads' queries go into qt transposed ([D][G]) and
+ * pre-scaled. tl = 0: the mask admits nothing, and the output rows are already zero. */
+typedef struct { const unsigned char *m; const float *K, *V; float *y; size_t head_stride; int tl; } Row;
+
+static inline __attribute__((always_inline)) Row row_begin(const AttnJob *j, int b, int g, int i, const int G,
+                                                           float *qt) {
+  const int D = j->D, T = j->T, S = j->S;
+  Row r = {.m = j->mask + ((size_t)(j->mask_b ? b : 0) * (size_t)S + (size_t)i) * (size_t)T,
+           .head_stride = (size_t)S * (size_t)D};
+  const unsigned char *last = memrchr(r.m, 1, (size_t)T);
+  const size_t first_head = ((size_t)b * (size_t)j->Hq + (size_t)g * (size_t)G) * r.head_stride + (size_t)i * D;
+  r.y = j->y + first_head;
+  if (!last) {
+    for (int h = 0; h < G; h++) memset(r.y + h * r.head_stride, 0, sizeof(float) * (size_t)D);
+    return r;
+  }
+  r.tl = (int)(last - r.m) + 1;
+  r.K = j->k + ((size_t)b * (size_t)j->Hkv + (size_t)g) * (size_t)T * (size_t)D;
+  r.V = j->v + ((size_t)b * (size_t)j->Hkv + (size_t)g) * (size_t)T * (size_t)D;
+  const float *q = j->q + first_head;
+  for (int h = 0; h < G; h++)
+    for (int d = 0; d < D; d++) qt[d * G + h] = q[h * r.head_stride + d] * j->scale;
+  return r;
+}
+
 /* One query row i of batch entry b against KV group g: its G heads at once. G is a constant where the caller
  * passes one (GLM-4: 32 / 2 = 16), so the head loops become whole vectors. buf: see scratch_floats. */
 static inline __attribute__((always_inline)) void attn_row(const AttnJob *j, int b, int g, int i, float *buf,
                                                            const int G) {
-  const int D = j->D, T = j->T, S = j->S;
-  const unsigned char *m = j->mask + ((size_t)(j->mask_b ? b : 0) * (size_t)S + (size_t)i) * (size_t)T;
-  const unsigned char *last = memrchr(m, 1, (size_t)T);
-  const size_t head_stride = (size_t)S * (size_t)D;
-  const float *q = j->q + ((size_t)b * (size_t)j->Hq + (size_t)g * (size_t)G) * head_stride + (size_t)i * D;
-  float *y = j->y + ((size_t)b * (size_t)j->Hq + (size_t)g * (size_t)G) * head_stride + (size_t)i * D;
-  if (!last) {
-    for (int h = 0; h < G; h++) memset(y + h * head_stride, 0, sizeof(float) * (size_t)D);
-    return;
-  }
-  const int tl = (int)(last - m) + 1;
-  const float *K = j->k + ((size_t)b * (size_t)j->Hkv + (size_t)g) * (size_t)T * (size_t)D;
-  const float *V = j->v + ((size_t)b * (size_t)j->Hkv + (size_t)g) * (size_t)T * (size_t)D;
+  const int D = j->D;
   float *qt = buf, *acc = qt + (size_t)D * G, *mx = acc + (size_t)G * D, *sum = mx + G, *sc = sum + G;
-  for (int h = 0; h < G; h++)
-    for (int d = 0; d < D; d++) qt[d * G + h] = q[h * head_stride + d] * j->scale;
+  const Row r = row_begin(j, b, g, i, G, qt);
+  if (!r.tl) return;
+  const int tl = r.tl;
+  const unsigned char *m = r.m;
+  const float *K = r.K, *V = r.V;
+  float *y = r.y;
+  const size_t head_stride = r.head_stride;
 
   /* scores, four slots at a time: each column of qt is loaded once for four K rows */
   int t = 0;
@@ -201,22 +220,15 @@ __attribute__((target("avx512f,fma"))) static inline __m512 exp512(__m512 x) {
  * Scores: four K rows at a time against the transposed queries. Output: tiles of 4 heads x 64 columns (16
  * accumulators) over chunks of VCHUNK slots. */
 __attribute__((target("avx512f,fma"))) static void row16_avx512(const AttnJob *j, int b, int g, int i, float *buf) {
-  const int D = j->D, T = j->T, S = j->S, G = 16;
-  const unsigned char *m = j->mask + ((size_t)(j->mask_b ? b : 0) * (size_t)S + (size_t)i) * (size_t)T;
-  const unsigned char *last = memrchr(m, 1, (size_t)T);
-  const size_t hs = (size_t)S * (size_t)D;
-  const float *q = j->q + ((size_t)b * (size_t)j->Hq + (size_t)g * G) * hs + (size_t)i * D;
-  float *y = j->y + ((size_t)b * (size_t)j->Hq + (size_t)g * G) * hs + (size_t)i * D;
-  if (!last) {
-    for (int h = 0; h < G; h++) memset(y + h * hs, 0, sizeof(float) * (size_t)D);
-    return;
-  }
-  const int tl = (int)(last - m) + 1;
-  const float *K = j->k + ((size_t)b * (size_t)j->Hkv + (size_t)g) * (size_t)T * (size_t)D;
-  const float *V = j->v + ((size_t)b * (size_t)j->Hkv + (size_t)g) * (size_t)T * (size_t)D;
+  const int D = j->D, G = 16;
   float *qt = buf, *acc = qt + (size_t)D * G, *sc = acc + (size_t)G * D + 2 * G;
-  for (int h = 0; h < G; h++)
-    for (int d = 0; d < D; d++) qt[d * G + h] = q[h * hs + d] * j->scale;
+  const Row r = row_begin(j, b, g, i, G, qt);
+  if (!r.tl) return;
+  const int tl = r.tl;
+  const unsigned char *m = r.m;
+  const float *K = r.K, *V = r.V;
+  float *y = r.y;
+  const size_t hs = r.head_stride;
 
   int t = 0;
   for (; t + 4 <= tl; t += 4) {

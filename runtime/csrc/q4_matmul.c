@@ -256,6 +256,35 @@ static void rows4_avx512vnni(const Act *a, const uint8_t *B, const float *S, int
 #define GEMM_MIN_M 16
 #define GEMM_NT 32
 
+/* Unpack weight rows t0..t0+nt (nt <= 32) for the across-rows kernels: per quad group g, one 16-row gather of 4
+ * bytes per half, split into low and high nibbles, written as 128-byte rows (32 weight rows x 4 bytes) of dst:
+ * the low nibbles at row lo(g), the high ones at row hi(g). The VNNI kernel keeps all low rows, then all high ones
+ * (lo = g, hi = K/8 + g); the AMX kernel groups each 64-element chunk's 8 low and 8 high rows into one 16-row
+ * tile (lo = 16 (g / 8) + g % 8, hi = lo + 8). Then the rows' block scales, transposed: St[block][32]. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void unpack_weights(const uint8_t *B, const float *S, int K, int bs, int t0, int nt, int amx_rows,
+                           uint8_t *dst, float *St) {
+  const int ng = K / 8, nb = K / bs;
+  const __m512i m4 = _mm512_set1_epi32(0x0F0F0F0F);
+  const __m512i vindex = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(K / 2));
+  for (int h = 0; h < 2; h++) {
+    const int rows = nt - 16 * h < 0 ? 0 : nt - 16 * h > 16 ? 16 : nt - 16 * h;
+    const __mmask16 k = (__mmask16)(rows >= 16 ? 0xFFFF : (1u << rows) - 1);
+    const uint8_t *base = B + (size_t)(t0 + 16 * h) * (K / 2);
+    for (int g = 0; g < ng; g++) {
+      const __m512i v = rows ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, vindex, base + 4 * g, 1)
+                             : _mm512_setzero_si512();
+      const size_t lo = amx_rows ? (size_t)(16 * (g / 8) + g % 8) : (size_t)g;
+      const size_t hi = amx_rows ? lo + 8 : (size_t)(ng + g);
+      _mm512_store_si512(dst + lo * 128 + 64 * h, _mm512_and_si512(v, m4));
+      _mm512_store_si512(dst + hi * 128 + 64 * h, _mm512_and_si512(_mm512_srli_epi32(v, 4), m4));
+    }
+  }
+  for (int r = 0; r < GEMM_NT; r++)
+    for (int b = 0; b < nb; b++) St[(size_t)b * GEMM_NT + r] = r < nt ? S[(size_t)(t0 + r) * nb + b] : 0.f;
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 static void gemm_avx512vnni(const Act *acts, int m0, int m1, const uint8_t *B, const float *S, int N, int n0,
                             int n1, float *Y, size_t ystride) {
@@ -270,23 +299,7 @@ static void gemm_avx512vnni(const Act *acts, int m0, int m1, const uint8_t *B, c
   (void)N;
   for (int t0 = n0; t0 < n1; t0 += GEMM_NT) {
     const int nt = n1 - t0 < GEMM_NT ? n1 - t0 : GEMM_NT;
-    /* unpack: one 16-row gather of 4 bytes per quad group, split into low / high nibbles */
-    const __m512i m4 = _mm512_set1_epi32(0x0F0F0F0F);
-    for (int h = 0; h < 2; h++) {
-      const int rows = nt - 16 * h < 0 ? 0 : nt - 16 * h > 16 ? 16 : nt - 16 * h;
-      const __mmask16 k = (__mmask16)(rows >= 16 ? 0xFFFF : (1u << rows) - 1);
-      const __m512i vindex = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                _mm512_set1_epi32(K / 2));
-      const uint8_t *base = B + (size_t)(t0 + 16 * h) * (K / 2);
-      for (int g = 0; g < ng; g++) {
-        const __m512i v = rows ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, vindex, base + 4 * g, 1)
-                               : _mm512_setzero_si512();
-        _mm512_store_si512(E + (size_t)g * GEMM_NT + 16 * h, _mm512_and_si512(v, m4));
-        _mm512_store_si512(O + (size_t)g * GEMM_NT + 16 * h, _mm512_and_si512(_mm512_srli_epi32(v, 4), m4));
-      }
-    }
-    for (int r = 0; r < GEMM_NT; r++)
-      for (int b = 0; b < nb; b++) St[(size_t)b * GEMM_NT + r] = r < nt ? S[(size_t)(t0 + r) * nb + b] : 0.f;
+    unpack_weights(B, S, K, bs, t0, nt, 0, (uint8_t *)E, St);
     int m = m0;
     for (; m + 4 <= m1; m += 4) {
       __m512 f[4][2];
@@ -398,7 +411,7 @@ static void amx_layout(const Act *acts, int M, int K, int8_t *A) {
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
 static void gemm_amx(const Act *acts, const int8_t *A, int m0, int m1, const uint8_t *B, const float *S, int n0,
                      int n1, float *Y, size_t ystride) {
-  const int K = acts[m0].K, bs = acts[m0].bs, nb = K / bs, ng = K / 8, gpb = bs / 8, cpb = bs / 64;
+  const int K = acts[m0].K, bs = acts[m0].bs, nb = K / bs, gpb = bs / 8, cpb = bs / 64;
   const size_t pbytes = (size_t)K * 32, cbytes = ((size_t)(m1 - m0) * nb * 4 + 63) & ~(size_t)63;
   uint8_t *P = aligned_alloc(64, pbytes + (size_t)nb * GEMM_NT * 4 + cbytes + 2 * 1024 + 16 * GEMM_NT * 4);
   if (!P) {
@@ -419,25 +432,9 @@ static void gemm_amx(const Act *acts, const int8_t *A, int m0, int m1, const uin
   cfg.palette = 1;
   for (int t = 0; t < 5; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
   _tile_loadconfig(&cfg);
-  const __m512i m4 = _mm512_set1_epi32(0x0F0F0F0F);
   for (int t0 = n0; t0 < n1; t0 += GEMM_NT) {
     const int nt = n1 - t0 < GEMM_NT ? n1 - t0 : GEMM_NT;
-    for (int h = 0; h < 2; h++) {
-      const int rows = nt - 16 * h < 0 ? 0 : nt - 16 * h > 16 ? 16 : nt - 16 * h;
-      const __mmask16 k = (__mmask16)(rows >= 16 ? 0xFFFF : (1u << rows) - 1);
-      const __m512i vindex = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                _mm512_set1_epi32(K / 2));
-      const uint8_t *base = B + (size_t)(t0 + 16 * h) * (K / 2);
-      for (int g = 0; g < ng; g++) {
-        const __m512i v = rows ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, vindex, base + 4 * g, 1)
-                               : _mm512_setzero_si512();
-        uint8_t *row = P + (size_t)(g / 8) * 2048 + (size_t)(g % 8) * 128 + 64 * h;
-        _mm512_store_si512(row, _mm512_and_si512(v, m4));
-        _mm512_store_si512(row + 8 * 128, _mm512_and_si512(_mm512_srli_epi32(v, 4), m4));
-      }
-    }
-    for (int r = 0; r < GEMM_NT; r++)
-      for (int b = 0; b < nb; b++) St[(size_t)b * GEMM_NT + r] = r < nt ? S[(size_t)(t0 + r) * nb + b] : 0.f;
+    unpack_weights(B, S, K, bs, t0, nt, 1, P, St);
     const __mmask16 k0 = (__mmask16)(nt >= 16 ? 0xFFFF : (1u << nt) - 1);
     const __mmask16 k1 = (__mmask16)(nt >= 32 ? 0xFFFF : nt > 16 ? (1u << (nt - 16)) - 1 : 0);
     int m = m0;

@@ -130,13 +130,9 @@ class OrtEngine:
         q4 = kernel is not None and int4_kernel == "auto"
         self.attention = cpu_kernel.ATTENTION_OFF
         if kernel is not None and attention_kernel == "auto":
-            why_not = cpu_kernel.attention_unavailable(kernel)
-            if why_not is None:
-                # int4: the matmuls run on the library's pool, which is warm at attention time; otherwise ONNX
-                # Runtime's pool runs them and a second pool spinning beside it would take a core from it
-                self.attention = cpu_kernel.ATTENTION_POOL if q4 else cpu_kernel.ATTENTION_CALLING_THREAD
-            else:
-                log.info("ONNX Runtime's Attention: %s", why_not)
+            self.attention = cpu_kernel.attention_mode(kernel, q4)
+            if not self.attention:
+                log.info("ONNX Runtime's Attention: %s", cpu_kernel.attention_unavailable(kernel))
         if not q4 and not self.attention:
             kernel = None
         self.int4_kernel = "ONNX Runtime MatMulNBits" if int4_kernel else None
