@@ -12,6 +12,7 @@ ONNX Runtime session opens: on a 9B-shaped model both at once would not fit next
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,52 +77,79 @@ def _greedy_onnx(graph: Any, cfg: Any, prompt: list[int], steps: int) -> list[in
     return out
 
 
+@dataclass
+class Reference:
+    """PyTorch fp32's side of the measurement: the held-out sequences, their logits and greedy continuations."""
+
+    seqs: list[list[int]]
+    note: str
+    logits: list[np.ndarray]
+    greedy: list[list[int]]
+    prompt_len: int
+    greedy_steps: int
+
+
+def reference(model: torch.nn.Module, cfg: Any, tokenizer_dir: Path | None, samples: int = 8, seq_len: int = 128,
+              prompt_len: int = 32, greedy_steps: int = 32) -> Reference:
+    """The reference from a float32 model already in memory: the whole-model build computes it while the model is
+    loaded for calibration, so the accuracy step never loads it a second time (glm-4-9b-2layer int4: 18.4 GB peak
+    RSS when it did, the reloaded model beside what calibration and the rewrite left allocated)."""
+    seqs, note = heldout_sequences(tokenizer_dir, cfg.vocab_size, samples, seq_len)
+    console.print(f"accuracy reference: {len(seqs)} held-out sequences, PyTorch fp32")
+    logits: list[np.ndarray] = []
+    greedy: list[list[int]] = []
+    with torch.no_grad():
+        for seq in seqs:
+            n = len(seq)
+            out = model(torch.tensor([seq]), torch.arange(n).view(1, n), torch.arange(n).view(1, n),
+                        *model.new_cache(1, n))[0][0].numpy()  # type: ignore[operator]
+            logits.append(np.array(out, np.float32))  # float32 kept; float64 only per sequence
+        for seq in seqs[:4]:
+            greedy.append(_greedy_torch(model, seq[:prompt_len], greedy_steps))
+    return Reference(seqs, note, logits, greedy, prompt_len, greedy_steps)
+
+
 def measure(model_dir: Path, artifact: Path, tokenizer_dir: Path | None, samples: int = 8, seq_len: int = 128,
             prompt_len: int = 32, greedy_steps: int = 32, threads: int | None = None,
-            streamed: bool = False) -> dict[str, Any]:
+            streamed: bool = False, ref: Reference | None = None) -> dict[str, Any]:
     """Score held-out sequences with PyTorch fp32 and with ``artifact/model.onnx``; return the metrics.
 
     ``streamed``: the reference runs the checkpoint one decoder layer at a time (:mod:`glm_export.layerwise`),
     the same float32 arithmetic without the float32 model in memory. Greedy decoding needs every layer at every
     step, so it is not measured then (``greedy_matched_before_divergence`` is None and the report says why).
+    ``ref``: a reference computed earlier (:func:`reference`); the other reference arguments are ignored.
     """
     from glm_export.checkpoint import Checkpoint, load_model
     from glm_export.validate import OrtGraph
 
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
-    seqs, note = heldout_sequences(tokenizer_dir, cfg.vocab_size, samples, seq_len)
-    ref_logits: list[np.ndarray] = []
-    ref_greedy: list[list[int]] = []
-    if streamed:
+    if ref is None and streamed:
         from glm_export import layerwise
 
+        seqs, note = heldout_sequences(tokenizer_dir, cfg.vocab_size, samples, seq_len)
         console.print(f"accuracy: {len(seqs)} held-out sequences, PyTorch fp32 reference, layer by layer")
         hidden = layerwise.run_layers(ckpt, [layerwise.embed(ckpt, seq) for seq in seqs])
         normed = [layerwise.final_norm(ckpt, x) for x in hidden]
         del hidden
-        ref_logits = [t.numpy() for t in layerwise.logits(ckpt, normed)]
+        ref = Reference(seqs, note, [t.numpy() for t in layerwise.logits(ckpt, normed)], [], prompt_len,
+                        greedy_steps)
         ckpt.release()
-    else:
-        console.print(f"accuracy: {len(seqs)} held-out sequences, PyTorch fp32 reference")
+    elif ref is None:
         model = load_model(ckpt, torch.float32)
-        with torch.no_grad():
-            for seq in seqs:
-                n = len(seq)
-                logits = model(torch.tensor([seq]), torch.arange(n).view(1, n), torch.arange(n).view(1, n),
-                               *model.new_cache(1, n))[0][0].numpy()
-                ref_logits.append(np.array(logits, np.float32))  # float32 kept; float64 only per sequence
-            for seq in seqs[:4]:
-                ref_greedy.append(_greedy_torch(model, seq[:prompt_len], greedy_steps))
+        ref = reference(model, cfg, tokenizer_dir, samples, seq_len, prompt_len, greedy_steps)
         del model
+    seqs, note, ref_logits, ref_greedy = ref.seqs, ref.note, ref.logits, ref.greedy
+    streamed = not ref_greedy  # the layer-by-layer reference cannot decode
+    prompt_len, greedy_steps = ref.prompt_len, ref.greedy_steps
     gc.collect()
     graph = OrtGraph(artifact, threads=threads)
     kl: list[float] = []
     agree: list[float] = []
     nll_ref: list[float] = []
     nll_q: list[float] = []
-    for seq, ref in zip(seqs, ref_logits, strict=True):
-        lp = _log_softmax(ref)
+    for seq, logits in zip(seqs, ref_logits, strict=True):
+        lp = _log_softmax(logits)
         n = len(seq)
         cache = [np.zeros((1, cfg.num_kv_heads, n, cfg.head_dim), cache_dtype(graph))
                  for _ in range(2 * cfg.num_layers)]
@@ -134,9 +162,9 @@ def measure(model_dir: Path, artifact: Path, tokenizer_dir: Path | None, samples
         nll_ref += list(-lp[np.arange(n - 1), nxt])
         nll_q += list(-lq[np.arange(n - 1), nxt])
     matched: list[int] | None = None if streamed else []
-    for seq, ref in zip(seqs, ref_greedy, strict=False):
+    for seq, want in zip(seqs, ref_greedy, strict=False):
         got_tokens = _greedy_onnx(graph, cfg, seq[:prompt_len], greedy_steps)
-        k = next((i for i, (a, b) in enumerate(zip(ref, got_tokens, strict=True)) if a != b), len(ref))
+        k = next((i for i, (a, b) in enumerate(zip(want, got_tokens, strict=True)) if a != b), len(want))
         matched.append(k)  # type: ignore[union-attr]
     return {
         "reference": "PyTorch fp32 (same checkpoint)", "heldout": note, "sequences": len(seqs),

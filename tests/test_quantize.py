@@ -175,10 +175,23 @@ OPS = {"int8": "QuantizeLinear", "fp8": "QuantizeLinear", "int4": "MatMulNBits"}
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8", "int4"])
-def test_quantized_artifact(precision: str, tiny_checkpoint: Path, tiny_artifact: Path, tmp_path: Path) -> None:
+def test_quantized_artifact(precision: str, tiny_checkpoint: Path, tiny_artifact: Path, tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
     art = tmp_path / precision
     shutil.copytree(tiny_artifact, art)
+    import glm_export.checkpoint as checkpoint_module
+
+    loads: list[object] = []
+    real_load = checkpoint_module.load_model
+    monkeypatch.setattr(checkpoint_module, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     report = quantize_into(tiny_checkpoint, art, precision, QuantOptions(**FAST))
+    # The float model is loaded once: the accuracy reference is taken while calibration has it in memory, and it
+    # is the same measurement as a fresh one (same sequences, same float32 forward, same greedy continuations).
+    assert len(loads) == 1, loads
+    if precision == "int8":
+        fresh = accuracy.measure(tiny_checkpoint, art, art, samples=FAST["accuracy_samples"])
+        assert len(loads) == 2
+        assert {k: report["accuracy"][k] for k in fresh} == fresh
     json.dumps(report)  # goes into report.json as is
     acc = report["accuracy"]
     assert 0 < acc["mean_kl"] < KL_LIMITS[precision], acc
