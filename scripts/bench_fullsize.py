@@ -67,8 +67,11 @@ def main() -> None:
                 attention_kernel=args.attention_kernel)
     load_s = time.perf_counter() - t0
     rss_load, _ = rss_gb()
+    # the int4 weights move onto huge pages in the background after loading: measure the steady state after it
+    settle = llm.engine.settle() if hasattr(llm.engine, "settle") else 0.0
     out: dict[str, Any] = {"artifact": str(args.artifact), "artifact_gb": round(size / 1e9, 2),
                            "load_s": round(load_s, 1), "rss_after_load_gb": round(rss_load, 2),
+                           "hugepages_settled_s": round(settle, 1), "rss_after_settle_gb": round(rss_gb()[0], 2),
                            "threads": args.threads, "cpu": cpu().get("model"), "python": platform.python_version(),
                            "engine": llm.engine.describe(),
                            "runs": []}

@@ -43,6 +43,7 @@
 #endif
 #endif
 
+#include "hugepages.h"
 #include "ort_abi.h"
 
 const OrtApiTable *glm_ort_api;
@@ -682,7 +683,11 @@ int glm_q4_matmul(const float *X, int M, int K, const uint8_t *B, const float *S
 
 /* ---------------------------------------------------------------- the custom op */
 
-typedef struct { int64_t K, N, bs; } Kernel;
+/* weights: moved onto huge pages in the background after the node first runs (hugepages.c) */
+typedef struct {
+  int64_t K, N, bs;
+  GlmHugeWeights weights;
+} Kernel;
 static atomic_long op_unsupported;
 
 /* MatMulNBits nodes this kernel was asked to create and cannot run as ONNX Runtime would: glm_runtime reads the
@@ -694,6 +699,7 @@ static void *create_kernel(const CustomOp *op, const OrtApiTable *api, const voi
   Kernel *k = calloc(1, sizeof(Kernel));
   int64_t bits = 0, level = 0;
   if (!k) return NULL;
+  glm_huge_init(&k->weights);
   GetAttrIntFn attr = ORT_FN(SLOT_KernelInfoGetAttribute_int64, GetAttrIntFn);
   const int ok = !status_failed(attr(info, "K", &k->K)) && !status_failed(attr(info, "N", &k->N)) &&
                  !status_failed(attr(info, "block_size", &k->bs)) && !status_failed(attr(info, "bits", &bits)) &&
@@ -736,7 +742,7 @@ int64_t glm_element_count(const void *value, int64_t dims[8], size_t *rank) {
  * When they do not, the kernel creates no output, so the run fails with ONNX Runtime's error instead of reading
  * past a buffer; the engine reports that as a broken artifact. */
 static void compute(void *kernel, void *ctx) {
-  const Kernel *k = kernel;
+  Kernel *k = kernel;
   atomic_fetch_add(&op_calls, 1);
   const void *in[3];
   void *out = NULL;
@@ -759,11 +765,25 @@ static void compute(void *kernel, void *ctx) {
   GetDataFn data = ORT_FN(SLOT_GetTensorMutableData, GetDataFn);
   if (status_failed(data(out, (void **)&y))) return;
   if (status_failed(data((void *)in[0], &x)) || status_failed(data((void *)in[1], &b)) ||
-      status_failed(data((void *)in[2], &s)) || glm_q4_matmul(x, (int)M, (int)k->K, b, s, (int)k->N, (int)k->bs, y))
+      status_failed(data((void *)in[2], &s))) {
+    fill_nan(y, (size_t)M * (size_t)k->N);
+    return;
+  }
+  const void *w[2] = {b, s};
+  const size_t w_bytes[2] = {(size_t)k->N * (size_t)(k->K / 2), (size_t)k->N * (size_t)(k->K / k->bs) * 4};
+  glm_huge_use(&k->weights, w, w_bytes, 2);
+  b = (void *)w[0];
+  s = (void *)w[1];
+  if (glm_q4_matmul(x, (int)M, (int)k->K, b, s, (int)k->N, (int)k->bs, y))
     fill_nan(y, (size_t)M * (size_t)k->N);   /* only out of memory gets here */
 }
 
-static void destroy_kernel(void *kernel) { free(kernel); }
+static void destroy_kernel(void *kernel) {
+  Kernel *k = kernel;
+  if (!k) return;
+  glm_huge_release(&k->weights);
+  free(k);
+}
 static const char *op_name(const CustomOp *op) { (void)op; return "MatMulNBits"; }
 static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const CustomOp *op, size_t i) { (void)op; return i == 1 ? TYPE_UINT8 : TYPE_FLOAT; }

@@ -509,7 +509,8 @@ def _tensorrt_engine(artifact: Path, manifest: dict[str, Any], cfg: ModelConfig)
 
 def load(artifact: str | Path, *, providers: list[str] | None = None, threads: int | None = None,
          verify: str = "hash", prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_budget_bytes: int | None = None,
-         log_severity: int = 2, int4_kernel: str | None = None, attention_kernel: str | None = None) -> LLM:
+         log_severity: int = 2, int4_kernel: str | None = None, attention_kernel: str | None = None,
+         hugepages: bool | None = None) -> LLM:
     """Open an artifact directory made by ``glm-export``: check it, start the engine, load the tokenizer.
 
     ``verify``: ``"hash"`` (sha256 of every file, the default), ``"size"`` (fast for tens of GB) or
@@ -519,7 +520,9 @@ def load(artifact: str | Path, *, providers: list[str] | None = None, threads: i
     when it is built, see :mod:`glm_runtime.cpu_kernel`) or ``"ort"`` (ONNX Runtime's MatMulNBits); default
     $GLM_RUNTIME_INT4_KERNEL, else auto. ``attention_kernel``: ``"auto"`` (the runtime's decode attention on a CPU
     with AVX-512: its cost follows the context, not the KV buffer) or ``"ort"``; default
-    $GLM_RUNTIME_ATTENTION_KERNEL, else auto.
+    $GLM_RUNTIME_ATTENTION_KERNEL, else auto. ``hugepages``: after loading, move the int4 kernel's weights onto
+    transparent huge pages in the background (decode ~11 % faster once done; the first steps are slower while it
+    copies); default $GLM_RUNTIME_HUGEPAGES (0 or 1), else on.
     """
     import onnxruntime
 
@@ -544,7 +547,7 @@ def load(artifact: str | Path, *, providers: list[str] | None = None, threads: i
     engine = _tensorrt_engine(artifact, manifest, cfg) if providers is None else None
     if engine is None:
         engine = load_engine(artifact, manifest, cfg, providers, threads, log_severity, int4_kernel,
-                             attention_kernel)
+                             attention_kernel, hugepages)
     tokenizer = None
     if manifest.get("tokenizer"):
         from glm_runtime.tokenizer import GLMTokenizer

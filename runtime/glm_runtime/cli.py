@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,6 +23,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from glm_runtime.cpu_kernel import HUGEPAGES_ENV
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run GLM-4 artifacts made by glm-export (ONNX Runtime; no torch).")
@@ -106,13 +109,29 @@ Int4KernelOpt = Annotated[Int4Kernel | None, typer.Option(
 AttentionKernelOpt = Annotated[Int4Kernel | None, typer.Option(
     help="Attention on CPU: the runtime's (auto: on AVX-512 CPUs; its cost follows the context, not the KV "
          "buffer) or ONNX Runtime's (ort). Default: $GLM_RUNTIME_ATTENTION_KERNEL, else auto.")]
+HugepagesOpt = Annotated[bool | None, typer.Option(
+    "--hugepages/--no-hugepages", show_default=False,
+    help="int4 artifacts on CPU: copy the weights onto transparent huge pages in the background after loading "
+         "(decode ~11 % faster once done, slower while it copies; serve waits for it before listening; "
+         "docs/runtime.md, \"Huge pages\"). Default: $GLM_RUNTIME_HUGEPAGES, else on (off for generate).")]
 Truncate = Annotated[bool, typer.Option(help="Drop the oldest prompt tokens when prompt + max-new-tokens "
                                              "exceeds the context (default: refuse).")]
 
 
+def _settle(llm: Any) -> None:
+    """A server waits for the int4 weights to reach their huge pages before it listens, so its first requests
+    do not share the cores with the copy (docs/runtime.md, "Huge pages")."""
+    settle = getattr(llm.engine, "settle", None)
+    if settle is not None and getattr(llm.engine, "hugepages", False):
+        with console.status("moving the int4 weights onto huge pages"):
+            waited = settle()
+        if waited > 0.5:
+            console.print(f"int4 weights on huge pages after {waited:.1f} s")
+
+
 def _load(artifact: Path, threads: int | None, provider: list[str] | None, verify: Verify, prefill_chunk: int,
           kv_budget_gb: float | None, int4_kernel: Int4Kernel | None = None,
-          attention_kernel: Int4Kernel | None = None) -> Any:
+          attention_kernel: Int4Kernel | None = None, hugepages: bool | None = None) -> Any:
     from glm_runtime.api import load
 
     budget = int(kv_budget_gb * 1e9) if kv_budget_gb is not None else None
@@ -120,7 +139,8 @@ def _load(artifact: Path, threads: int | None, provider: list[str] | None, verif
         return load(artifact, providers=provider or None, threads=threads, verify=verify.value,
                     prefill_chunk=prefill_chunk, kv_budget_bytes=budget,
                     int4_kernel=int4_kernel.value if int4_kernel is not None else None,
-                    attention_kernel=attention_kernel.value if attention_kernel is not None else None)
+                    attention_kernel=attention_kernel.value if attention_kernel is not None else None,
+                    hugepages=hugepages)
 
 
 def _summary(done: Any) -> str:
@@ -180,6 +200,7 @@ def generate(
     kv_budget_gb: Budget = None,
     int4_kernel: Int4KernelOpt = None,
     attention_kernel: AttentionKernelOpt = None,
+    hugepages: HugepagesOpt = None,
 ) -> None:
     """Generate one answer (streamed to stdout, or as JSON)."""
     given = [name for name, v in (("--prompt", prompt), ("--prompt-ids", prompt_ids), ("--messages", messages))
@@ -187,7 +208,10 @@ def generate(
     if len(given) != 1:
         raise ValueError(f"give exactly one of --prompt, --prompt-ids, --messages (got {given or 'none'})")
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
-    llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb, int4_kernel, attention_kernel)
+    if hugepages is None and HUGEPAGES_ENV not in os.environ:
+        hugepages = False  # one answer: the background copy would cost more than it saves (docs/runtime.md)
+    llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb, int4_kernel, attention_kernel,
+                hugepages)
     sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                 "repetition_penalty": repetition_penalty, "seed": seed, "stop": stop, "truncate": truncate}
     if ids is not None:
@@ -261,12 +285,14 @@ def chat(
     kv_budget_gb: Budget = None,
     int4_kernel: Int4KernelOpt = None,
     attention_kernel: AttentionKernelOpt = None,
+    hugepages: HugepagesOpt = None,
 ) -> None:
     """Interactive multi-turn chat, streamed. /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops an answer.
 
     Each turn reuses the conversation's KV cache: only the new message is prefilled.
     """
-    llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb, int4_kernel, attention_kernel)
+    llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb, int4_kernel, attention_kernel,
+                hugepages)
     if llm.tokenizer is None:
         raise ValueError(f"{artifact} has no tokenizer, and chat is text in, text out; use "
                          f"`glm-runtime generate {artifact} --prompt-ids ...` with token ids")
@@ -392,6 +418,7 @@ def serve(
     kv_budget_gb: Budget = None,
     int4_kernel: Int4KernelOpt = None,
     attention_kernel: AttentionKernelOpt = None,
+    hugepages: HugepagesOpt = None,
     ray: Annotated[bool, typer.Option("--ray", help="Serve through Ray Serve (replicas, autoscaling, replacement "
                                                      "of failed replicas; pip install 'glm-runtime[ray]'). "
                                                      "docs/scale-out.md.")] = False,
@@ -415,7 +442,7 @@ def serve(
         _serve_ray(artifact, host, port, api_key_file, max_concurrency, max_queue, max_model_len, max_tokens_limit,
                    max_body_bytes, model_name, shutdown_timeout, threads, provider, verify, prefill_chunk,
                    kv_budget_gb, replicas, autoscale, router, ray_address, replica_cpus, prefix_cache_gb,
-                   body_timeout, int4_kernel, attention_kernel)
+                   body_timeout, int4_kernel, attention_kernel, hugepages)
         return
     try:
         from glm_runtime import server
@@ -425,7 +452,9 @@ def serve(
     from glm_runtime.scheduler import Scheduler
 
     key = server.read_api_key(api_key_file) if api_key_file is not None else None
-    llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb, int4_kernel, attention_kernel)
+    llm = _load(artifact, threads, provider, verify, prefill_chunk, kv_budget_gb, int4_kernel, attention_kernel,
+                hugepages)
+    _settle(llm)
     scheduler = Scheduler(llm.engine, max_concurrency=max_concurrency, max_queue=max_queue,
                           prefill_chunk=prefill_chunk, kv_budget_bytes=llm.generator.kv_budget_bytes,
                           max_cache_len=max_model_len,
@@ -448,7 +477,7 @@ def _serve_ray(artifact: Path, host: str, port: int, api_key_file: Path | None, 
                prefill_chunk: int, kv_budget_gb: float | None, replicas: int, autoscale: str | None, router: str,
                ray_address: str | None, replica_cpus: float | None, prefix_cache_gb: float | None,
                body_timeout: float, int4_kernel: Int4Kernel | None = None,
-               attention_kernel: Int4Kernel | None = None) -> None:
+               attention_kernel: Int4Kernel | None = None, hugepages: bool | None = None) -> None:
     """``serve --ray``: the same app on Ray Serve (glm_runtime.ray_app, imported only here: ray is optional).
     The connection-level options (--max-connections, --head-timeout, --send-timeout) are Ray's proxy's there
     (docs/reliability.md); the in-app ones (--body-timeout, request slots) hold in every replica."""
@@ -469,7 +498,7 @@ def _serve_ray(artifact: Path, host: str, port: int, api_key_file: Path | None, 
                                 max_queue, max_model_len, max_tokens_limit, max_body_bytes, threads, provider,
                                 verify.value, prefill_chunk, kv_budget_gb, prefix_cache_gb, body_timeout,
                                 int4_kernel.value if int4_kernel is not None else None,
-                                attention_kernel.value if attention_kernel is not None else None)
+                                attention_kernel.value if attention_kernel is not None else None, hugepages)
     scale = ray_app.parse_autoscale(autoscale)
     ray_app.deployment_options(cfg, replicas, scale, router)  # bad flags fail before Ray starts
     what = f"{scale[0]}-{scale[1]} replicas (autoscaled)" if scale else f"{replicas} replica(s)"

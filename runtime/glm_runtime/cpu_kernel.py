@@ -15,6 +15,11 @@ The same library carries a second kernel, ONNX's ``Attention`` (``csrc/attention
 ONNX Runtime's CPU Attention computes every slot of the KV buffer, this one only the slots the mask admits, once
 per KV group. It is registered in the ONNX domain for a session only on request (``configure(attention=...)``),
 on AVX-512 CPUs (``attention_unavailable``), and a node of another form goes back to ONNX Runtime's.
+
+Huge pages (``csrc/hugepages.c``): after a MatMulNBits node first runs, a background thread copies its weights from
+the artifact's file onto transparent huge pages and the node switches to them: the hardware prefetchers stop at
+every 4 KB page of ONNX Runtime's file mapping (GLM-4-9B int4 decode step 185 -> 165 ms, docs/runtime.md, "Huge
+pages"). ``hugepages`` / $GLM_RUNTIME_HUGEPAGES=0 turn it off.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ MODULE = "glm_runtime._q4_matmul"
 MODES = ("auto", "ort")
 ENV = "GLM_RUNTIME_INT4_KERNEL"
 ATTENTION_ENV = "GLM_RUNTIME_ATTENTION_KERNEL"
+HUGEPAGES_ENV = "GLM_RUNTIME_HUGEPAGES"
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,14 @@ class Q4Kernel:
 
     def describe(self) -> str:
         return f"glm-runtime int4 kernel ({self.isa}, {self.threads} threads)"
+
+    def hugepage_bytes(self) -> int:
+        """Bytes of int4 weights the kernel now reads from huge-page copies (they are made in the background)."""
+        return int(self.lib.glm_huge_bytes())
+
+    def hugepage_pending(self) -> int:
+        """Nodes whose huge-page copy is queued or made but not yet in use (each switches on its next run)."""
+        return int(self.lib.glm_huge_pending())
 
     def attention_calls(self) -> int:
         """How many Attention nodes the library's attention (csrc/attention.c) has run."""
@@ -97,7 +111,8 @@ def attention_mode(kernel: Q4Kernel, matmul: bool) -> int:
     return ATTENTION_POOL if matmul else ATTENTION_CALLING_THREAD
 
 
-def configure(opts: Any, kernel: Q4Kernel, matmul: bool = True, attention: int = 0) -> list[str]:
+def configure(opts: Any, kernel: Q4Kernel, matmul: bool = True, attention: int = 0,
+              hugepages: bool = True) -> list[str]:
     """Put ``kernel`` into ONNX Runtime session options ``opts``; returns the graph optimizers to disable.
 
     ``matmul``: its MatMulNBits stands in for ONNX Runtime's. ``attention``: its Attention too, with the work
@@ -108,8 +123,13 @@ def configure(opts: Any, kernel: Q4Kernel, matmul: bool = True, attention: int =
     ORT's MatMulNBits+Add fusion writes the 6-input form (bias as input 5) and the kernel takes 3, so the bias Add
     stays a node (4608 floats on GLM-4-9B's qkv: nothing beside its weights). ORT's pool and the kernel's share
     the cores: ORT's workers spinning between ops took a core from the kernel (GLM-4-9B int4 decode 2.2 tok/s with
-    spinning, 4.5 without), so they sleep instead."""
+    spinning, 4.5 without), so they sleep instead.
+
+    ``hugepages``: move the int4 weights onto huge pages after their first run (module docstring). The library
+    reads this when a node first runs, so it holds for the nodes of every session that first runs after this call.
+    """
     with _lock:  # the library reads what to register when ONNX Runtime calls it, inside this call
+        kernel.lib.glm_huge_select(int(hugepages))
         kernel.lib.glm_q4_select(int(matmul), attention)
         opts.register_custom_ops_library(str(kernel.path))
         kernel.lib.glm_q4_select(1, 0)
@@ -140,6 +160,16 @@ def resolve_mode(mode: str | None, env: str = ENV) -> str:
         raise ValueError(f"{what} must be one of {', '.join(MODES)}, got {value!r}"
                          + (f" (from ${env})" if mode is None else ""))
     return value
+
+
+def resolve_hugepages(on: bool | None) -> bool:
+    """``on`` if given, else $GLM_RUNTIME_HUGEPAGES (``0`` or ``1``), else on."""
+    if on is not None:
+        return on
+    value = os.environ.get(HUGEPAGES_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"${HUGEPAGES_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def attention_isa() -> str:
@@ -175,6 +205,8 @@ def load(threads: int | None) -> Q4Kernel | None:
         lib.glm_attention_unsupported.restype = ctypes.c_long
         lib.glm_attention_bad_inputs.restype = ctypes.c_long
         lib.glm_q4_select.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.glm_huge_select.argtypes = [ctypes.c_int]
+        lib.glm_huge_bytes.restype = ctypes.c_longlong
         lib.glm_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int]
         lib.glm_attention_isa.restype = ctypes.c_char_p
         lib.glm_q4_set_threads.argtypes = [ctypes.c_int]

@@ -107,7 +107,7 @@ class OrtEngine:
 
     def __init__(self, model_path: Path, config: ModelConfig, providers: list[str] | None = None,
                  threads: int | None = None, log_severity: int = 2, int4_kernel: str | None = None,
-                 attention_kernel: str = "auto") -> None:
+                 attention_kernel: str = "auto", hugepages: bool = True) -> None:
         self.config = config
         self.model_path = Path(model_path)
         requested = providers or default_providers()
@@ -136,6 +136,7 @@ class OrtEngine:
         if not q4 and not self.attention:
             kernel = None
         self.int4_kernel = "ONNX Runtime MatMulNBits" if int4_kernel else None
+        self.hugepages = hugepages
         self.session, why = self._create_session(threads, log_severity, requested, kernel, q4)
         if kernel is not None and why is None:
             if q4:
@@ -177,6 +178,21 @@ class OrtEngine:
                 self.session, _ = self._create_session(threads, log_severity, requested,
                                                        kernel if q4_used else None, q4_used)
 
+    def settle(self, timeout: float = 120.0) -> float:
+        """Run one-token steps until the int4 kernel's weights are all on their huge-page copies (they are made in
+        the background after loading; docs/runtime.md, "Huge pages"), so what is measured next is the steady state,
+        as llama-bench's warm-up run does for llama.cpp. Returns the seconds waited; a no-op without the kernel."""
+        kernel = cpu_kernel.load(None) if self.int4_kernel and "glm-runtime" in self.int4_kernel else None
+        t0 = time.perf_counter()
+        if kernel is None:
+            return 0.0
+        cache = self.allocate(1, 2)
+        zero = np.zeros((1, 1), np.int64)
+        while kernel.hugepage_pending() and time.perf_counter() - t0 < timeout:
+            self.step(cache, zero, zero, zero)
+            time.sleep(0.05)
+        return time.perf_counter() - t0
+
     def _kernels_accept_inputs(self, kernel: cpu_kernel.Q4Kernel) -> tuple[bool, bool]:
         """One step on one token, in a two-slot buffer: the int4 kernel checks each node's weights against its
         attributes when it first runs it (ONNX Runtime's own kernel does so at load, and API version 8 shows a
@@ -215,7 +231,8 @@ class OrtEngine:
             opts.inter_op_num_threads = 1
         before, disabled, attention_before = 0, [], 0
         if kernel is not None:
-            disabled = cpu_kernel.configure(opts, kernel, matmul=q4, attention=self.attention)
+            disabled = cpu_kernel.configure(opts, kernel, matmul=q4, attention=self.attention,
+                                            hugepages=self.hugepages)
             before = kernel.unsupported()
             attention_before = kernel.attention_unsupported()
         try:
@@ -415,9 +432,10 @@ class OrtEngine:
 
 def load_engine(artifact: Path, manifest: dict[str, Any], config: ModelConfig, providers: list[str] | None = None,
                 threads: int | None = None, log_severity: int = 2, int4_kernel: str | None = None,
-                attention_kernel: str | None = None) -> OrtEngine:
+                attention_kernel: str | None = None, hugepages: bool | None = None) -> OrtEngine:
     """``int4_kernel``: ``auto`` / ``ort`` (default: $GLM_RUNTIME_INT4_KERNEL, else auto); used by int4 artifacts.
-    ``attention_kernel``: ``auto`` / ``ort`` (default: $GLM_RUNTIME_ATTENTION_KERNEL, else auto)."""
+    ``attention_kernel``: ``auto`` / ``ort`` (default: $GLM_RUNTIME_ATTENTION_KERNEL, else auto).
+    ``hugepages``: the int4 kernel's weights onto huge pages (default: $GLM_RUNTIME_HUGEPAGES, else on)."""
     graph = manifest.get("graph", {})
     path = Path(artifact) / graph.get("file", "model.onnx")
     if not path.is_file():
@@ -428,7 +446,8 @@ def load_engine(artifact: Path, manifest: dict[str, Any], config: ModelConfig, p
     if manifest.get("precision") in ("fp16", "bf16"):  # 16-bit attention inputs: the kernel computes in float32
         attention = "ort"
     return OrtEngine(path, config, providers, threads, log_severity,
-                     int4_kernel=mode if manifest.get("precision") == "int4" else None, attention_kernel=attention)
+                     int4_kernel=mode if manifest.get("precision") == "int4" else None, attention_kernel=attention,
+                     hugepages=cpu_kernel.resolve_hugepages(hugepages))
 
 
 def warn_cpu_tuning(manifest: dict[str, Any]) -> str | None:

@@ -142,7 +142,19 @@ def int4_kernel_info() -> dict[str, Any]:
                 "attention": "ONNX Runtime's (no AVX2)"}
     why_not = cpu_kernel.attention_unavailable(kernel)
     return {"built": True, "path": str(path), "isa": kernel.isa,
-            "attention": f"ONNX Runtime's ({why_not})" if why_not else f"the runtime's ({cpu_kernel.attention_isa()})"}
+            "attention": f"ONNX Runtime's ({why_not})" if why_not else f"the runtime's ({cpu_kernel.attention_isa()})",
+            "hugepages": transparent_hugepages()}
+
+
+def transparent_hugepages() -> str:
+    """The kernel's transparent huge page mode ("always [madvise] never": madvise), which decides whether the int4
+    kernel's copies get 2 MB pages (docs/runtime.md, "Huge pages")."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown (no /sys/kernel/mm/transparent_hugepage)"
+    mode = text[text.find("[") + 1:text.find("]")] if "[" in text else text.strip()
+    return mode + ("" if mode in ("always", "madvise") else ": the int4 weights stay on 4 KB pages")
 
 
 def _gib(n: int | None) -> str:
@@ -158,7 +170,8 @@ def render(info: dict[str, Any]) -> str:
         f"CPU ISA (as ONNX Runtime dispatches): {' '.join(c['isa'])}",
         f"int8 dot product (VNNI/AMX/dotprod): {'unknown' if c['int8_dot_product'] is None else c['int8_dot_product']}",
         f"ONNX Runtime: {o.get('version', o.get('error'))}; providers: {', '.join(o.get('providers', []))}",
-        "int4 kernel: " + (f"built, {info['int4_kernel']['isa']}; attention: {info['int4_kernel']['attention']}"
+        "int4 kernel: " + (f"built, {info['int4_kernel']['isa']}; attention: {info['int4_kernel']['attention']}; "
+                           f"transparent huge pages: {info['int4_kernel'].get('hugepages', 'unknown')}"
                            if info["int4_kernel"]["built"]
                            else "not built (no C compiler at install): ONNX Runtime's MatMulNBits and Attention"),
         "GPU: " + ("; ".join(f"{g.get('name')} (compute capability {g.get('compute_capability')}, "

@@ -79,6 +79,8 @@ class ReplicaConfig:
     int4_kernel: str | None = None
     #: ``serve --attention-kernel``: auto / ort (None: $GLM_RUNTIME_ATTENTION_KERNEL on the replica, else auto).
     attention_kernel: str | None = None
+    #: ``serve --hugepages/--no-hugepages`` (None: $GLM_RUNTIME_HUGEPAGES on the replica, else on).
+    hugepages: bool | None = None
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ReplicaConfig:
@@ -96,6 +98,10 @@ class ReplicaConfig:
                 value = None
             elif isinstance(value, str) and kind.startswith("int"):
                 value = int(value)
+            elif isinstance(value, str) and kind.startswith("bool"):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(f"{name}={value!r}: give true or false")
+                value = value.lower() in ("1", "true", "yes", "on")
             elif isinstance(value, str) and kind.startswith("float"):
                 value = float(value)
             elif isinstance(value, str) and kind.startswith("list"):
@@ -135,7 +141,9 @@ class GLMReplica:
         budget = int(cfg.kv_budget_gb * 1e9) if cfg.kv_budget_gb is not None else None
         self.llm = load(cfg.artifact, providers=cfg.providers, threads=cfg.threads, verify=cfg.verify,
                         prefill_chunk=cfg.prefill_chunk, kv_budget_bytes=budget, int4_kernel=cfg.int4_kernel,
-                        attention_kernel=cfg.attention_kernel)
+                        attention_kernel=cfg.attention_kernel, hugepages=cfg.hugepages)
+        if hasattr(self.llm.engine, "settle") and getattr(self.llm.engine, "hugepages", False):
+            self.llm.engine.settle()  # the int4 weights onto huge pages before the replica takes requests
         prefix = int(cfg.prefix_cache_gb * 1e9) if cfg.prefix_cache_gb is not None else None
         self.scheduler = Scheduler(self.llm.engine, max_concurrency=cfg.max_concurrency, max_queue=cfg.max_queue,
                                    prefill_chunk=cfg.prefill_chunk, kv_budget_bytes=self.llm.generator.kv_budget_bytes,
