@@ -108,8 +108,23 @@ static int file_behind(const void *p, size_t n, GlmHugeSource *src) {
   return found;
 }
 
+/* Whether MADV_HUGEPAGE can give 2 MB pages here: the THP mode is "always" or "madvise", not "never" (then a copy
+ * would cost its time and give 4 KB pages again). */
+static int thp_available(void) {
+  static atomic_int known = -1;
+  int v = atomic_load(&known);
+  if (v < 0) {
+    char mode[128] = {0};
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+    v = f && fgets(mode, sizeof mode, f) && !strstr(mode, "[never]");
+    if (f) fclose(f);
+    atomic_store(&known, v);
+  }
+  return v;
+}
+
 int glm_huge_source(const void *p, size_t n, GlmHugeSource *src) {
-  if (n == 0 || !atomic_load(&wanted)) return 0;
+  if (n == 0 || !atomic_load(&wanted) || !thp_available()) return 0;
   return file_behind(p, n, src) && pages_clean(p, n);
 }
 
