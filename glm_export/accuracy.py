@@ -92,7 +92,7 @@ class Reference:
 def reference(model: torch.nn.Module, cfg: Any, tokenizer_dir: Path | None, samples: int = 8, seq_len: int = 128,
               prompt_len: int = 32, greedy_steps: int = 32) -> Reference:
     """The reference from a float32 model already in memory: the whole-model build computes it while the model is
-    loaded for calibration, so the accuracy step never loads it a second time (glm-4-9b-2layer int4: 18.4 GB peak
+    loaded for calibration, so the accuracy step never loads it a second time (glm-4-9b-2layer int4: 17.7 GiB peak
     RSS when it did, the reloaded model beside what calibration and the rewrite left allocated)."""
     seqs, note = heldout_sequences(tokenizer_dir, cfg.vocab_size, samples, seq_len)
     console.print(f"accuracy reference: {len(seqs)} held-out sequences, PyTorch fp32")
