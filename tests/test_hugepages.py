@@ -154,3 +154,19 @@ def test_the_switch_comes_from_the_argument_then_the_environment(monkeypatch: py
     monkeypatch.setenv(cpu_kernel.HUGEPAGES_ENV, "yes")
     with pytest.raises(ValueError, match="GLM_RUNTIME_HUGEPAGES must be 0 or 1"):
         cpu_kernel.resolve_hugepages(None)
+
+
+def test_the_default_kv_budget_leaves_the_copies_to_come(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int4 weights' file pages count as available memory until their anonymous copies replace them: the
+    default KV budget is taken from what is available less the bytes still queued for a copy."""
+    from glm_runtime import engine as engine_module
+
+    class Copying:
+        def memory_reserved(self) -> int:
+            return 4 << 30
+
+    monkeypatch.setattr(engine_module, "available_memory_bytes", lambda: 20 << 30)
+    fraction = engine_module.DEFAULT_BUDGET_FRACTION
+    assert engine_module.default_budget_bytes() == int(fraction * (20 << 30))
+    assert engine_module.default_budget_bytes(Copying()) == int(fraction * (16 << 30))
+    assert engine_module.default_budget_bytes(object()) == int(fraction * (20 << 30))  # engines without copies

@@ -31,6 +31,10 @@
 
 static atomic_llong moved_bytes;
 static atomic_int wanted = 1, unsettled;
+static atomic_llong queued_bytes;
+
+/* Bytes queued for a copy not made yet: anonymous memory the process is about to take (the KV budget leaves it). */
+long long glm_huge_queued_bytes(void) { return atomic_load(&queued_bytes); }
 
 /* Nodes queued or copied but not yet switched (a benchmark's warm-up runs steps until this is 0). */
 int glm_huge_pending(void) { return atomic_load(&unsettled); }
@@ -226,6 +230,7 @@ static void *copier_main(void *arg) {
       ahead_bytes += total_bytes(h);
     }
     h->busy = 0;
+    atomic_fetch_sub(&queued_bytes, (long long)total_bytes(h));
     if (!base) atomic_fetch_sub(&unsettled, 1);
     atomic_store_explicit(&h->state, base ? READY : KEPT, memory_order_release);
     pthread_cond_broadcast(&copy_done);
@@ -265,7 +270,10 @@ void glm_huge_use(GlmHugeWeights *h, const void *ptr[], const size_t bytes[], in
         pthread_cond_signal(&queue_wake);
       }
       state = ok ? QUEUED : KEPT;
-      if (ok) atomic_fetch_add(&unsettled, 1);
+      if (ok) {
+        atomic_fetch_add(&unsettled, 1);
+        atomic_fetch_add(&queued_bytes, (long long)total_bytes(h));
+      }
       atomic_store_explicit(&h->state, state, memory_order_release);
       pthread_mutex_unlock(&queue_lock);
     } else if (state == READY) {
@@ -299,8 +307,9 @@ void glm_huge_use(GlmHugeWeights *h, const void *ptr[], const size_t bytes[], in
 void glm_huge_release(GlmHugeWeights *h) {
   pthread_mutex_lock(&queue_lock);
   for (GlmHugeWeights **at = &queue_head; *at; at = &(*at)->next)
-    if (*at == h) {
+    if (*at == h) {   /* still queued: its copy will never be made */
       *at = h->next;
+      atomic_fetch_sub(&queued_bytes, (long long)total_bytes(h));
       break;
     }
   while (h->busy) pthread_cond_wait(&copy_done, &queue_lock);

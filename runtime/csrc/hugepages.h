@@ -42,5 +42,6 @@ int glm_huge_source(const void *p, size_t n, GlmHugeSource *src);
 long long glm_huge_bytes(void);
 void glm_huge_select(int on);
 int glm_huge_pending(void);
+long long glm_huge_queued_bytes(void);
 
 #endif

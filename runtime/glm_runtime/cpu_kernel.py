@@ -70,6 +70,10 @@ class Q4Kernel:
         """Bytes of int4 weights the kernel now reads from huge-page copies (they are made in the background)."""
         return int(self.lib.glm_huge_bytes())
 
+    def hugepage_queued_bytes(self) -> int:
+        """Bytes queued for a huge-page copy not made yet: anonymous memory this process is about to take."""
+        return int(self.lib.glm_huge_queued_bytes())
+
     def hugepage_pending(self) -> int:
         """Nodes whose huge-page copy is queued or made but not yet in use (each switches on its next run)."""
         return int(self.lib.glm_huge_pending())
@@ -207,6 +211,7 @@ def load(threads: int | None) -> Q4Kernel | None:
         lib.glm_q4_select.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.glm_huge_select.argtypes = [ctypes.c_int]
         lib.glm_huge_bytes.restype = ctypes.c_longlong
+        lib.glm_huge_queued_bytes.restype = ctypes.c_longlong
         lib.glm_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int]
         lib.glm_attention_isa.restype = ctypes.c_char_p
         lib.glm_q4_set_threads.argtypes = [ctypes.c_int]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -127,8 +127,12 @@ def available_memory_bytes() -> int:
         return 8 * 1024**3
 
 
-def default_budget_bytes() -> int:
-    return int(DEFAULT_BUDGET_FRACTION * available_memory_bytes())
+def default_budget_bytes(engine: Any = None) -> int:
+    """The default KV budget: a fraction of the available RAM, less what ``engine`` is still about to take
+    (``memory_reserved``: the int4 weights queued for their huge-page copies, which replace file pages that count
+    as available until then)."""
+    reserved = engine.memory_reserved() if engine is not None and hasattr(engine, "memory_reserved") else 0
+    return int(DEFAULT_BUDGET_FRACTION * max(0, available_memory_bytes() - reserved))
 
 
 def round_cache_len(needed: int, max_position: int, multiple: int = CACHE_LEN_MULTIPLE) -> int:

@@ -178,6 +178,12 @@ class OrtEngine:
                 self.session, _ = self._create_session(threads, log_severity, requested,
                                                        kernel if q4_used else None, q4_used)
 
+    def memory_reserved(self) -> int:
+        """Bytes this engine is still about to allocate: the int4 weights queued for their huge-page copies (the
+        file pages they replace count as available memory until then). The default KV budget leaves them."""
+        kernel = cpu_kernel.load(None) if self.int4_kernel and "glm-runtime" in self.int4_kernel else None
+        return kernel.hugepage_queued_bytes() if kernel is not None else 0
+
     def settle(self, timeout: float = 120.0) -> float:
         """Run one-token steps until the int4 kernel's weights are all on their huge-page copies (they are made in
         the background after loading; docs/runtime.md, "Huge pages"), so what is measured next is the steady state,

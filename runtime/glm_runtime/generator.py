@@ -146,7 +146,7 @@ class Generator:
         self.engine = engine
         self.config: ModelConfig = engine.config
         self.prefill_chunk = prefill_chunk
-        self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else default_budget_bytes()
+        self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else default_budget_bytes(engine)
 
     def plan(self, batch: int, cache_len: int, prefill_tokens: int | None = None) -> KVPlan:
         """The request's memory, before allocating it; ``prefill_tokens`` (the longest uncached prompt part)

@@ -88,7 +88,7 @@ class Scheduler:
         self.config = engine.config
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
-        budget = kv_budget_bytes if kv_budget_bytes is not None else default_budget_bytes()
+        budget = kv_budget_bytes if kv_budget_bytes is not None else default_budget_bytes(engine)
         #: The largest pool (every request admitted fits in it); raises MemoryBudgetError if none fits.
         self.plan: KVPlan = max_pool_cache_len(self.config, engine.cache_dtype, max_concurrency, prefill_chunk,
                                                budget, max_cache_len)
