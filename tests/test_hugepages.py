@@ -28,11 +28,30 @@ class Source(ctypes.Structure):
                 ("offset", ctypes.c_longlong), ("bytes", ctypes.c_size_t)]
 
 
+def unmovable_why() -> str | None:
+    """Why this host cannot move weights, read independently of the library: THP off, or no pagemap to read."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "no /sys/kernel/mm/transparent_hugepage"
+    if "[never]" in mode:
+        return "transparent huge pages are off here (never)"
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.read(8)
+    except OSError:
+        return "/proc/self/pagemap is not readable here"
+    return None
+
+
 @pytest.fixture
 def lib() -> ctypes.CDLL:
     kernel = cpu_kernel.load(2)
     if kernel is None:
         pytest.skip("the kernel does not run on this CPU (no AVX2) or is not built")
+    why = unmovable_why()
+    if why:
+        pytest.skip(f"weights cannot move onto huge pages on this host: {why}")
     kernel.lib.glm_huge_source.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(Source)]
     yield kernel.lib
     kernel.lib.glm_huge_select(1)
