@@ -3,6 +3,10 @@
     python scripts/bench_kernels.py step ARTIFACT [--slots 64,576,4096] [--rounds 2]
         one decode step (engine.step) at the end of a buffer of each size, ONNX Runtime's Attention vs the
         runtime's, one process per side, sides alternating; median of the steps after two warm-up steps
+    python scripts/bench_kernels.py attention [--isa native,avx2] [--slots 64,576,4096] [--batch 1]
+        ONNX's Attention alone at GLM-4-9B's decode shapes (32 query heads, 2 KV groups, head size 128, one query
+        row at the end of a buffer of each size): ONNX Runtime's kernel vs the runtime's on each path, ms per
+        decode step (40 layers), median of 50
     python scripts/bench_kernels.py matmul [--isa native|avx512vnni]
         glm_q4_matmul on GLM-4-9B's prefill shapes (M = 512 or 128, block 128), GFLOP/s (best of 3)
 
@@ -42,6 +46,48 @@ def step_once(artifact: str, slots: list[int], steps: int = 8) -> dict:
     return out
 
 
+def attention(slots: list[int], batch: int, reps: int = 50) -> dict:
+    """One process, one path (GLM_Q4_ISA): ONNX Runtime's Attention and the library's on the same inputs, ms for
+    the 40 layers of a step (the op's median x 40)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from glm_runtime import cpu_kernel
+
+    kernel = cpu_kernel.load(2)
+    if kernel is None:
+        raise SystemExit("the runtime's library is not built (bash scripts/setup.sh)")
+    node = helper.make_node("Attention", ["q", "k", "v", "m"], ["y"], scale=128**-0.5)
+    shapes = {"q": ["b", 32, 1, 128], "k": ["b", 2, "t", 128], "v": ["b", 2, "t", 128]}
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in shapes.items()]
+    inputs.append(helper.make_tensor_value_info("m", TensorProto.BOOL, ["b", 1, 1, "t"]))
+    graph = helper.make_graph([node], "attention", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                          None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)]).SerializeToString()
+    sessions = {}
+    for side in ("ort", "runtime"):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 2
+        if side == "runtime":  # as an int4 session runs it: on the library's pool
+            cpu_kernel.configure(opts, kernel, matmul=True, attention=cpu_kernel.ATTENTION_POOL)
+        sessions[side] = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    out: dict = {"isa": cpu_kernel.attention_isa()}
+    for t in slots:
+        feed = {"q": rng.standard_normal((batch, 32, 1, 128), np.float32),
+                "k": rng.standard_normal((batch, 2, t, 128), np.float32),
+                "v": rng.standard_normal((batch, 2, t, 128), np.float32),
+                "m": np.ones((batch, 1, 1, t), bool)}
+        for side, sess in sessions.items():
+            times = []
+            for _ in range(reps + 3):
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                times.append(time.perf_counter() - t0)
+            out[f"{side} {t}"] = float(np.median(times[3:]) * 40e3)
+    return out
+
+
 def matmul(isa: str) -> None:
     from glm_runtime import cpu_kernel
 
@@ -75,6 +121,11 @@ def main() -> None:
     st.add_argument("--slots", default="64,576,4096")
     st.add_argument("--rounds", type=int, default=2)
     st.add_argument("--one", choices=("auto", "ort"), help=argparse.SUPPRESS)  # a child process: one side
+    at = sub.add_parser("attention")
+    at.add_argument("--isa", default="native,avx2", help="paths to run, each in its own process (native, avx2)")
+    at.add_argument("--slots", default="64,576,4096")
+    at.add_argument("--batch", type=int, default=1)
+    at.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     mm = sub.add_parser("matmul")
     mm.add_argument("--isa", choices=("native", "avx512vnni"), default="native")
     args = ap.parse_args()
@@ -83,6 +134,26 @@ def main() -> None:
             env = dict(os.environ, GLM_Q4_ISA=args.isa)
             raise SystemExit(subprocess.call([sys.executable, __file__, "matmul"], env=env))
         matmul(args.isa)
+        return
+    if args.what == "attention":
+        slots = [int(v) for v in args.slots.split(",")]
+        if args.one:
+            print(json.dumps(attention(slots, args.batch)))
+            return
+        for isa in args.isa.split(","):
+            if isa not in ("native", "avx2"):
+                raise SystemExit(f"--isa {isa}: use native or avx2 (the runtime does not load its kernels on the "
+                                 "scalar path)")
+            env = dict(os.environ)
+            env.pop("GLM_Q4_ISA", None)
+            if isa != "native":
+                env["GLM_Q4_ISA"] = isa
+            out = subprocess.run([sys.executable, __file__, "attention", "--slots", args.slots, "--batch",
+                                  str(args.batch), "--one"], env=env, capture_output=True, text=True, check=True)
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            for t in slots:
+                print(f"{isa} (runtime path {res['isa']}), batch {args.batch}, {t} slots: ONNX Runtime "
+                      f"{res[f'ort {t}']:.1f} ms, runtime {res[f'runtime {t}']:.1f} ms per 40 layers", flush=True)
         return
     slots = [int(v) for v in args.slots.split(",")]
     if args.one:

@@ -218,20 +218,30 @@ def test_counts_nodes_it_cannot_run(kernel: cpu_kernel.Q4Kernel) -> None:
     assert kernel.attention_unsupported() == before + 1
 
 
-def test_only_its_avx512_path_stands_in(kernel: cpu_kernel.Q4Kernel) -> None:
-    """Used exactly where the CPU (as /proc/cpuinfo says) has AVX-512 F and VL, on the pool only beside the int4
-    kernel."""
+def test_its_vector_paths_stand_in(kernel: cpu_kernel.Q4Kernel) -> None:
+    """Used exactly where the CPU (as /proc/cpuinfo says) has AVX-512 F and VL, or AVX2 and FMA, on the pool only
+    beside the int4 kernel; GLM_Q4_ISA=avx2 (a child process) takes the AVX2 path and stands in as well."""
     import os
+    import subprocess
+    import sys
 
     from glm_runtime.hostinfo import cpu
 
     if os.environ.get("GLM_Q4_ISA"):
         pytest.skip("GLM_Q4_ISA forces a path")
-    avx512 = {"avx512f", "avx512vl"} <= set(cpu()["isa"])
-    assert (cpu_kernel.attention_unavailable(kernel) is None) == avx512
+    isa = set(cpu()["isa"])
+    vector = {"avx512f", "avx512vl"} <= isa or {"avx2", "fma"} <= isa
+    assert (cpu_kernel.attention_unavailable(kernel) is None) == vector
     modes = (cpu_kernel.attention_mode(kernel, True), cpu_kernel.attention_mode(kernel, False))
-    assert modes == ((cpu_kernel.ATTENTION_POOL, cpu_kernel.ATTENTION_CALLING_THREAD) if avx512
+    assert modes == ((cpu_kernel.ATTENTION_POOL, cpu_kernel.ATTENTION_CALLING_THREAD) if vector
                      else (cpu_kernel.ATTENTION_OFF, cpu_kernel.ATTENTION_OFF))
+    if not {"avx2", "fma"} <= isa:
+        return
+    script = ("from glm_runtime import cpu_kernel as c; k = c.load(2); "
+              "print(c.attention_isa(), c.attention_unavailable(k), c.attention_mode(k, True))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "GLM_Q4_ISA": "avx2"})
+    assert out.stdout.split() == ["avx2", "None", str(cpu_kernel.ATTENTION_POOL)], out.stderr[-2000:]
 
 
 # ---- through the engine, on the tiny fp32 artifact ----------------------------------------------------------------
@@ -249,13 +259,14 @@ def engine_logits(artifact: Path, mode: str, verify: str = "size") -> tuple[list
 
 
 def test_engine_uses_it_on_a_whole_model(kernel: cpu_kernel.Q4Kernel, tiny_artifact: Path) -> None:
-    """`auto` runs the artifact's Attention nodes on the kernel (on an AVX-512 CPU), `ort` on ONNX Runtime's; the
-    logits agree to float32 rounding (a relative 1e-4 of their spread: two float32 orders of summation)."""
+    """`auto` runs the artifact's Attention nodes on the kernel (on an AVX-512 or AVX2 CPU), `ort` on ONNX
+    Runtime's; the logits agree to float32 rounding (a relative 1e-4 of their spread: two float32 orders of
+    summation)."""
     before = kernel.attention_calls()
     ours, desc = engine_logits(tiny_artifact, "auto")
-    if kernel.lib.glm_attention_isa().decode() != "avx512":
+    if kernel.lib.glm_attention_isa().decode() not in ("avx512", "avx2"):
         assert kernel.attention_calls() == before and "attention" not in desc
-        pytest.skip("the runtime's attention is used on AVX-512 CPUs only")
+        pytest.skip("the runtime's attention is used on AVX-512 and AVX2 CPUs only")
     assert kernel.attention_calls() > before and "glm-runtime attention" in desc
     calls = kernel.attention_calls()
     theirs, desc_ort = engine_logits(tiny_artifact, "ort")
@@ -276,7 +287,7 @@ def test_engine_falls_back_for_another_form(kernel: cpu_kernel.Q4Kernel, tiny_ar
     from onnx import helper
 
     if cpu_kernel.attention_unavailable(kernel):
-        pytest.skip("the runtime's attention is used on AVX-512 CPUs only")
+        pytest.skip("the runtime's attention is used on AVX-512 and AVX2 CPUs only")
     art = tmp_path / "softcap"
     shutil.copytree(tiny_artifact, art)
     model = onnx.load(str(art / "model.onnx"))

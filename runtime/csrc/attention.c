@@ -302,6 +302,131 @@ __attribute__((target("avx512f,fma"))) static void rows16_avx512(const AttnJob *
 }
 #endif
 
+#ifdef ATTN_X86
+/* exp(x) for x <= 0, 8 lanes: exp_nonpositive's arithmetic. */
+__attribute__((target("avx2,fma"))) static inline __m256 exp256(__m256 x) {
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(12582912.0f));
+  const __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(12582912.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(t),
+                                      _mm256_set1_epi32(0x4B400000)), _mm256_set1_epi32(127)), 23);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  return _mm256_and_ps(keep, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* row16_avx512 for CPUs with AVX2 and no AVX-512 (AMD Zen 2/3, Intel before Ice Lake): the 16 heads of a group
+ * are two 8-lane halves. Scores: four K rows at a time (8 accumulators). Output: tiles of 2 heads x 32 columns
+ * (8 accumulators, 4 V loads: 16 registers hold a tile) over chunks of VCHUNK slots. Same arithmetic as the
+ * AVX-512 path, so the same error bound (tests/test_attention_kernel.py). */
+__attribute__((target("avx2,fma"))) static void row16_avx2(const AttnJob *j, int b, int g, int i, float *buf) {
+  const int D = j->D, G = 16;
+  float *qt = buf, *acc = qt + (size_t)D * G, *sc = acc + (size_t)G * D + 2 * G;
+  const Row r = row_begin(j, b, g, i, G, qt);
+  if (!r.tl) return;
+  const int tl = r.tl;
+  const unsigned char *m = r.m;
+  const float *K = r.K, *V = r.V;
+  float *y = r.y;
+  const size_t hs = r.head_stride;
+
+  int t = 0;
+  for (; t + 4 <= tl; t += 4) {
+    __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0;
+    const float *k0 = K + (size_t)t * D;
+    for (int d = 0; d < D; d++) {
+      const __m256 lo = _mm256_load_ps(qt + d * G), hi = _mm256_load_ps(qt + d * G + 8);
+      __m256 x = _mm256_broadcast_ss(k0 + d);
+      a0 = _mm256_fmadd_ps(lo, x, a0); b0 = _mm256_fmadd_ps(hi, x, b0);
+      x = _mm256_broadcast_ss(k0 + D + d);
+      a1 = _mm256_fmadd_ps(lo, x, a1); b1 = _mm256_fmadd_ps(hi, x, b1);
+      x = _mm256_broadcast_ss(k0 + 2 * D + d);
+      a2 = _mm256_fmadd_ps(lo, x, a2); b2 = _mm256_fmadd_ps(hi, x, b2);
+      x = _mm256_broadcast_ss(k0 + 3 * D + d);
+      a3 = _mm256_fmadd_ps(lo, x, a3); b3 = _mm256_fmadd_ps(hi, x, b3);
+    }
+    float *s = sc + (size_t)t * G;
+    _mm256_store_ps(s, a0); _mm256_store_ps(s + 8, b0); _mm256_store_ps(s + G, a1); _mm256_store_ps(s + G + 8, b1);
+    _mm256_store_ps(s + 2 * G, a2); _mm256_store_ps(s + 2 * G + 8, b2);
+    _mm256_store_ps(s + 3 * G, a3); _mm256_store_ps(s + 3 * G + 8, b3);
+  }
+  for (; t < tl; t++) {
+    __m256 a = _mm256_setzero_ps(), c = a;
+    const float *k0 = K + (size_t)t * D;
+    for (int d = 0; d < D; d++) {
+      const __m256 x = _mm256_broadcast_ss(k0 + d);
+      a = _mm256_fmadd_ps(_mm256_load_ps(qt + d * G), x, a);
+      c = _mm256_fmadd_ps(_mm256_load_ps(qt + d * G + 8), x, c);
+    }
+    _mm256_store_ps(sc + (size_t)t * G, a); _mm256_store_ps(sc + (size_t)t * G + 8, c);
+  }
+  __m256 mlo = _mm256_set1_ps(-INFINITY), mhi = mlo, slo = _mm256_setzero_ps(), shi = slo;
+  for (t = 0; t < tl; t++) {
+    float *s = sc + (size_t)t * G;
+    if (!m[t]) { _mm256_store_ps(s, _mm256_set1_ps(-INFINITY)); _mm256_store_ps(s + 8, _mm256_set1_ps(-INFINITY)); }
+    else { mlo = _mm256_max_ps(mlo, _mm256_load_ps(s)); mhi = _mm256_max_ps(mhi, _mm256_load_ps(s + 8)); }
+  }
+  for (t = 0; t < tl; t++) {
+    float *s = sc + (size_t)t * G;
+    const __m256 plo = exp256(_mm256_sub_ps(_mm256_load_ps(s), mlo));
+    const __m256 phi = exp256(_mm256_sub_ps(_mm256_load_ps(s + 8), mhi));
+    _mm256_store_ps(s, plo); _mm256_store_ps(s + 8, phi);
+    slo = _mm256_add_ps(slo, plo); shi = _mm256_add_ps(shi, phi);
+  }
+
+  memset(acc, 0, sizeof(float) * (size_t)G * D);
+  for (int t0 = 0; t0 < tl; t0 += VCHUNK) {
+    const int t1 = t0 + VCHUNK < tl ? t0 + VCHUNK : tl;
+    for (int d0 = 0; d0 < D; d0 += 32)
+      for (int h0 = 0; h0 < G; h0 += 2) {
+        float *o0 = acc + (size_t)h0 * D + d0, *o1 = o0 + D;
+        __m256 x0 = _mm256_load_ps(o0), x1 = _mm256_load_ps(o0 + 8), x2 = _mm256_load_ps(o0 + 16),
+               x3 = _mm256_load_ps(o0 + 24), z0 = _mm256_load_ps(o1), z1 = _mm256_load_ps(o1 + 8),
+               z2 = _mm256_load_ps(o1 + 16), z3 = _mm256_load_ps(o1 + 24);
+        for (t = t0; t < t1; t++) {
+          const float *vr = V + (size_t)t * D + d0, *p = sc + (size_t)t * G + h0;
+          const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8), v2 = _mm256_loadu_ps(vr + 16),
+                       v3 = _mm256_loadu_ps(vr + 24);
+          __m256 ph = _mm256_broadcast_ss(p);
+          x0 = _mm256_fmadd_ps(ph, v0, x0); x1 = _mm256_fmadd_ps(ph, v1, x1);
+          x2 = _mm256_fmadd_ps(ph, v2, x2); x3 = _mm256_fmadd_ps(ph, v3, x3);
+          ph = _mm256_broadcast_ss(p + 1);
+          z0 = _mm256_fmadd_ps(ph, v0, z0); z1 = _mm256_fmadd_ps(ph, v1, z1);
+          z2 = _mm256_fmadd_ps(ph, v2, z2); z3 = _mm256_fmadd_ps(ph, v3, z3);
+        }
+        _mm256_store_ps(o0, x0); _mm256_store_ps(o0 + 8, x1); _mm256_store_ps(o0 + 16, x2);
+        _mm256_store_ps(o0 + 24, x3); _mm256_store_ps(o1, z0); _mm256_store_ps(o1 + 8, z1);
+        _mm256_store_ps(o1 + 16, z2); _mm256_store_ps(o1 + 24, z3);
+      }
+  }
+  float sums[16] __attribute__((aligned(32)));
+  _mm256_store_ps(sums, slo);
+  _mm256_store_ps(sums + 8, shi);
+  for (int h = 0; h < G; h++) {
+    const __m256 inv = _mm256_set1_ps(1.0f / sums[h]);
+    for (int d = 0; d < D; d += 8)
+      _mm256_storeu_ps(y + h * hs + d, _mm256_mul_ps(_mm256_load_ps(acc + (size_t)h * D + d), inv));
+  }
+}
+
+__attribute__((target("avx2,fma"))) static void rows16_avx2(const AttnJob *j, int b, int g, int i0, int i1,
+                                                               float *buf) {
+  if (j->Hq / j->Hkv != 16 || j->D % 32) {
+    rows_avx2(j, b, g, i0, i1, buf);
+    return;
+  }
+  for (int i = i0; i < i1; i++) row16_avx2(j, b, g, i, buf);
+}
+#endif
+
 typedef void (*AttnRowsFn)(const AttnJob *, int, int, int, int, float *);
 static AttnRowsFn attn_rows = rows_plain;
 static const char *attn_isa = "scalar";
@@ -314,7 +439,7 @@ static void attn_choose_isa(void) {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && !(force && strcmp(force, "avx2") == 0)) {
     attn_rows = rows16_avx512; attn_isa = "avx512"; return;
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) { attn_rows = rows_avx2; attn_isa = "avx2"; }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) { attn_rows = rows16_avx2; attn_isa = "avx2"; }
 #endif
 }
 

@@ -107,7 +107,7 @@ Int4KernelOpt = Annotated[Int4Kernel | None, typer.Option(
     help="int4 artifacts on CPU: the runtime's kernel (auto, when built) or ONNX Runtime's MatMulNBits (ort). "
          "Default: $GLM_RUNTIME_INT4_KERNEL, else auto.")]
 AttentionKernelOpt = Annotated[Int4Kernel | None, typer.Option(
-    help="Attention on CPU: the runtime's (auto: on AVX-512 CPUs; its cost follows the context, not the KV "
+    help="Attention on CPU: the runtime's (auto: on AVX-512 and AVX2 CPUs; its cost follows the context, not the KV "
          "buffer) or ONNX Runtime's (ort). Default: $GLM_RUNTIME_ATTENTION_KERNEL, else auto.")]
 HugepagesOpt = Annotated[bool | None, typer.Option(
     "--hugepages/--no-hugepages", show_default=False,

@@ -14,7 +14,7 @@ creates its kernels; the engine then builds the session again without it and say
 The same library carries a second kernel, ONNX's ``Attention`` (``csrc/attention.c``, any precision's graph):
 ONNX Runtime's CPU Attention computes every slot of the KV buffer, this one only the slots the mask admits, once
 per KV group. It is registered in the ONNX domain for a session only on request (``configure(attention=...)``),
-on AVX-512 CPUs (``attention_unavailable``), and a node of another form goes back to ONNX Runtime's.
+on CPUs with AVX-512 or AVX2 + FMA (``attention_unavailable``), and a node of another form goes back to ONNX Runtime's.
 
 Huge pages (``csrc/hugepages.c``): after a MatMulNBits node first runs, a background thread copies its weights from
 the artifact's file onto transparent huge pages and the node switches to them: the hardware prefetchers stop at
@@ -93,13 +93,14 @@ class Q4Kernel:
 
 
 def attention_unavailable(kernel: Q4Kernel) -> str | None:
-    """Why the library's Attention should not stand in on this CPU, or None. Only its AVX-512 path is faster than
-    ONNX Runtime's; the AVX2 and scalar paths exist for tests. Whether a graph's Attention nodes have the form it
+    """Why the library's Attention should not stand in on this CPU, or None. Its AVX-512 and AVX2 paths are faster
+    than ONNX Runtime's at every context (docs/runtime.md, "The attention kernel"); the scalar path exists for
+    tests. Whether a graph's Attention nodes have the form it
     implements is checked where the runtime can see them without the onnx package: attributes when the session
     creates the kernels (Q4Kernel.attention_unsupported), shapes on the engine's load-time step
     (Q4Kernel.attention_bad_inputs); either sends the graph back to ONNX Runtime's Attention."""
     isa = kernel.lib.glm_attention_isa().decode()
-    return None if isa == "avx512" else f"the runtime's attention has no fast path on this CPU ({isa})"
+    return None if isa in ("avx512", "avx2") else f"the runtime's attention has no fast path on this CPU ({isa})"
 
 
 ATTENTION_OFF, ATTENTION_POOL, ATTENTION_CALLING_THREAD = 0, 1, 2
