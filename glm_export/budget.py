@@ -19,7 +19,15 @@ GiB = 1024**3
 BASE = int(0.8 * GiB)  # Python, torch, ONNX Runtime and onnx_ir loaded, the traced graph's structure
 ROWS_KEPT = 512  # calibrate.ROWS_KEPT rows, twice before a trim
 CHUNK_BYTES = 64 << 20  # quantize.rewrite.CHUNK_BYTES (not imported: this module stays light)
-ORT_SESSION_FACTOR = 1.1  # ONNX Runtime's session of an artifact: its initializers plus prepacking slack
+# ONNX Runtime's session of an artifact: its initializers plus prepacking slack. Measured at the accuracy step of
+# streamed GLM-4-9B builds (peak RSS minus BASE and the logits, over the artifact): int8 1.0 (11.89 GB peak, 10.0 GB
+# artifact); int4 1.12 (8,594,524 KiB peak, 6.2 GB artifact: MatMulNBits pre-packs its weights with per-block sums).
+ORT_SESSION_FACTOR = {"int4": 1.15}
+ORT_SESSION_DEFAULT = 1.1
+
+
+def session_bytes(art: int, precision: str) -> int:
+    return int(ORT_SESSION_FACTOR.get(precision, ORT_SESSION_DEFAULT) * art)
 
 
 @dataclass
@@ -47,13 +55,23 @@ def artifact_bytes_per_weight(precision: str, weight_block: int = 32) -> float:
     return {"int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / weight_block, "fp32": 4.0, "fp16": 2.0, "bf16": 2.0}[precision]
 
 
-def artifact_bytes(cfg: ModelConfig, precision: str, weight_block: int = 32, embed_bytes: int = 2) -> int:
+def head_bytes_per_weight(precision: str, weight_block: int = 32, lm_head: str = "same") -> float:
+    """The output layer's bytes per weight: ``lm_head`` as the build resolved it (``int8``, ``float`` = 16-bit,
+    ``same`` = the artifact's precision; ``quantize.rewrite.resolve_lm_head``: GLM-4-9B int4 and fp8 are int8)."""
+    if precision not in ("int8", "fp8", "int4"):
+        return artifact_bytes_per_weight(precision, weight_block)
+    return {"int8": 1.0, "float": 2.0}.get(lm_head, artifact_bytes_per_weight(precision, weight_block))
+
+
+def artifact_bytes(cfg: ModelConfig, precision: str, weight_block: int = 32, embed_bytes: int = 2,
+                   lm_head: str = "same") -> int:
     """The artifact's weights: quantized MatMuls (decoder layers and lm_head), the embedding, small tensors."""
-    matmul = cfg.num_layers * layer_params(cfg) + cfg.vocab_size * cfg.hidden_size
     per_weight = artifact_bytes_per_weight(precision, weight_block)
+    head = cfg.vocab_size * cfg.hidden_size * head_bytes_per_weight(precision, weight_block, lm_head)
     embed = cfg.vocab_size * cfg.hidden_size * (embed_bytes if precision in ("int8", "fp8", "int4") else
                                                 per_weight)
-    return int(matmul * per_weight + embed + 8 * cfg.num_layers * cfg.hidden_size * 4)
+    return int(cfg.num_layers * layer_params(cfg) * per_weight + head + embed
+               + 8 * cfg.num_layers * cfg.hidden_size * 4)
 
 
 def tensorrt_form_on_cpu(cfg: ModelConfig) -> int:
@@ -66,13 +84,27 @@ def tensorrt_form_on_cpu(cfg: ModelConfig) -> int:
     return 6 * (cfg.num_layers * layer_params(cfg) + cfg.vocab_size * cfg.hidden_size)
 
 
-def calibration_bytes(cfg: ModelConfig, samples: int, seq_len: int) -> int:
-    """Hidden states of every sequence (float32) plus one layer's activations and the kept input rows."""
+def calibration_bytes(cfg: ModelConfig, samples: int, seq_len: int, layers_kept: int | None = None) -> int:
+    """Hidden states of every sequence (float32) plus one layer's activations and the kept input rows: of every
+    layer (``layers_kept`` None), or of that many (the streamed path drops a layer's rows once it is quantized)."""
     hidden = samples * seq_len * cfg.hidden_size * 4
     activations = seq_len * (cfg.qkv_size + 3 * cfg.ffn_hidden_size + 4 * cfg.hidden_size) * 4 \
         + cfg.num_heads * seq_len * seq_len * 4
-    rows = ROWS_KEPT * 4 * (cfg.num_layers * (3 * cfg.hidden_size + cfg.ffn_hidden_size) + cfg.hidden_size)
+    layers = cfg.num_layers if layers_kept is None else layers_kept
+    rows = ROWS_KEPT * 4 * (layers * (3 * cfg.hidden_size + cfg.ffn_hidden_size) + cfg.hidden_size)
     return hidden + activations + rows
+
+
+def gptq_bytes(cfg: ModelConfig) -> int:
+    """What GPTQ adds while it quantizes one decoder layer (``quantize.gptq``): the layer's ``X^T X`` (float32,
+    ``in x in`` per MatMul; the streamed path hands these buffers to GPTQ, which permutes them in place), and for
+    the widest input (GLM-4-9B's down projection, 13696: 750 MB a matrix) up to three more matrices of that size
+    inside ``hinv_factor`` (the flipped copy, the Cholesky factor, the inverse being built). Measured on
+    glm-4-9b-2layer (GLM-4-9B's layers), int4 defaults, ``--stream``, 16 x 128 calibration: peak RSS 4.35 GiB; 6.63
+    GiB when GPTQ copied the sums twice and permuted into a new matrix (docs/memory.md)."""
+    k = cfg.ffn_hidden_size
+    layer = 4 * (3 * cfg.hidden_size ** 2 + k * k)
+    return layer + 3 * 4 * k * k
 
 
 # A weightless engine's build holds the graph's structure and the builder's own state, not the weights: measured
@@ -95,11 +127,13 @@ def engine_step(weight_bytes: int, quantized: bool, weights: str) -> tuple[int, 
 
 def estimate(cfg: ModelConfig, precision: str, backend: str, streamed: bool, calib_samples: int = 256,
              calib_seq_len: int = 512, accuracy_samples: int = 8, weight_block: int = 32,
-             engine_weights: str = "embedded") -> Estimate:
-    """Peak RSS and disk of ``glm-export build`` for this model, precision, backend and path."""
+             engine_weights: str = "embedded", lm_head: str = "same", gptq: bool = False) -> Estimate:
+    """Peak RSS and disk of ``glm-export build`` for this model, precision, backend and path. ``lm_head``: the
+    output layer's form as the build resolved it; ``gptq``: int4 weights by GPTQ (its second moments)."""
     quantized = precision in ("int8", "fp8", "int4")
     p = cfg.num_parameters()
-    art = artifact_bytes(cfg, precision, weight_block)
+    art = artifact_bytes(cfg, precision, weight_block, lm_head=lm_head)
+    gptq_unit = gptq_bytes(cfg) if gptq and precision == "int4" else 0
     steps: dict[str, int] = {}
     layer32 = 4 * layer_params(cfg)
     # accuracy.measure: float32 reference logits of every 128-token sequence, then per sequence the graph's logits
@@ -108,19 +142,23 @@ def estimate(cfg: ModelConfig, precision: str, backend: str, streamed: bool, cal
     if accuracy_samples and backend != "onnxruntime":
         acc_logits += tensorrt_form_on_cpu(cfg)
     if quantized and streamed:
-        steps["calibrate"] = BASE + layer32 + calibration_bytes(cfg, calib_samples, calib_seq_len)
-        # one layer in float32, its largest tensor twice while copied, its quantized form, the rows kept
+        # Each layer is quantized as soon as calibration has run it (calibrate.collect_streamed's layer_done), so
+        # the two steps' buffers add up: the hidden states, one layer in float32 for the forward pass and again
+        # for the rewrite, its largest tensor twice while copied, its quantized form, one layer's kept rows and
+        # GPTQ's matrices.
+        rows = calibration_bytes(cfg, calib_samples, calib_seq_len, layers_kept=1)
+        steps["calibrate"] = BASE + layer32 + rows
         biggest = 4 * 2 * cfg.hidden_size * cfg.ffn_hidden_size
-        layer_unit = BASE + layer32 + biggest + layer_params(cfg) + calibration_bytes(cfg, calib_samples, 0)
+        layer_unit = BASE + 2 * layer32 + biggest + layer_params(cfg) + rows + gptq_unit
         # ... or the output layer, quantized in chunks of columns (quantize.rewrite.quantize_wide): its 16-bit
         # checkpoint rows mapped, its quantized form, a few float32 chunks, the rows kept (GLM-4-9B int8: 7.8 GB
         # measured before chunking; 2.41 GB for the output layer alone after, plus the rows)
         head_unit = (BASE + cfg.vocab_size * cfg.hidden_size * 2 + artifact_bytes_per_weight(precision,
                      weight_block) * cfg.vocab_size * cfg.hidden_size + 6 * CHUNK_BYTES
-                     + calibration_bytes(cfg, calib_samples, 0))
+                     + calibration_bytes(cfg, calib_samples, calib_seq_len, layers_kept=0))
         steps["quantize"] = int(max(layer_unit, head_unit))
         if accuracy_samples:
-            steps["accuracy"] = BASE + int(ORT_SESSION_FACTOR * art) + acc_logits
+            steps["accuracy"] = BASE + session_bytes(art, precision) + acc_logits
         disk = art
     elif quantized:
         export_dtype = 4 if backend == "onnxruntime" else 2
@@ -137,7 +175,7 @@ def estimate(cfg: ModelConfig, precision: str, backend: str, streamed: bool, cal
         steps["quantize"] = (BASE + 4 * p + 4 * cfg.vocab_size * cfg.hidden_size + art
                              + calibration_bytes(cfg, calib_samples, 0) + ref)
         if accuracy_samples:
-            steps["accuracy"] = BASE + int(ORT_SESSION_FACTOR * art) + acc_logits
+            steps["accuracy"] = BASE + session_bytes(art, precision) + acc_logits
         disk = export_dtype * p + art
     else:
         size = {"fp32": 4, "fp16": 2, "bf16": 2}[precision]

@@ -34,7 +34,9 @@ from glm_export.quantize.rewrite import (
     options_for_backend,
     quantize_into,
     resolve_host_options,
+    resolve_lm_head,
     resolve_weight_block,
+    uses_gptq,
 )
 from glm_export.resume import STAGES, BuildJournal, fingerprint_dir, fingerprint_file, step_key
 from glm_export.validate import OrtGraph, compare, compare_engine
@@ -113,7 +115,9 @@ def build_artifact(model: Path | None, out: Path, precision: str = "fp32", overw
             from glm_export import budget
             from glm_export.engine import choose_weights
 
-            weights = budget.artifact_bytes(cfg, precision, quant.weight_block)
+            weights = budget.artifact_bytes(cfg, precision, quant.weight_block,
+                                            lm_head=resolve_lm_head(quant, cfg, precision).lm_head
+                                            if precision in QUANTIZED_PRECISIONS else "same")
             spec = replace(spec, weights=choose_weights(weights, precision in QUANTIZED_PRECISIONS,
                                                         "--engine-weights"))
         spec.check(precision, cfg.max_position)
@@ -275,7 +279,8 @@ def plan_memory(cfg: Any, out: Path, precision: str, backend: str, quant: QuantO
                          "quantize (its export already streams the weights): drop --stream")
     args = dict(calib_samples=quant.calib_samples, calib_seq_len=quant.calib_seq_len,
                 accuracy_samples=quant.accuracy_samples, weight_block=quant.weight_block,
-                engine_weights=engine_weights)
+                engine_weights=engine_weights, gptq=uses_gptq(quant),
+                lm_head=resolve_lm_head(quant, cfg, precision).lm_head if can_stream else "same")
     available = available_memory_bytes()
     if stream is None:
         whole = budget.estimate(cfg, precision, backend, False, **args)

@@ -621,11 +621,13 @@ def quantize_graph(model: ir.Model, cfg: Any, precision: str, options: QuantOpti
 
 
 def quantize_names(names: list[str], w: Weights, rw: Rewriter, artifact_precision: str, options: QuantOptions,
-                   stats: Stats) -> dict[str, Any]:
+                   stats: Stats, consume: bool = False) -> dict[str, Any]:
     """Quantize the MatMuls ``names`` and write back every tensor their folds edited; per-module details.
 
     The folds of a decoder layer's modules edit only that layer's tensors (and lm_head's the final norm), so
     calling this once per layer (:mod:`glm_export.quantize.stream`) computes what one call over all names does.
+    ``consume``: GPTQ may take the statistics' ``X^T X`` buffers instead of copying them (the streamed path, which
+    drops them after the layer anyway); without it ``stats`` can be quantized again.
     """
     layers: dict[str, Any] = {}
     rows: dict[str, np.ndarray] = {}  # int4: each MatMul's sampled input rows, as the folded graph feeds them
@@ -646,14 +648,14 @@ def quantize_names(names: list[str], w: Weights, rw: Rewriter, artifact_precisio
         if precision == "int4":
             rows[name] = st.sample_rows().numpy()
         if precision == "int4" and uses_gptq(options):
-            hessians[name] = st.hessian().numpy()
+            hessians[name] = (st.take_hessian() if consume else st.hessian()).numpy()  # a buffer of its own
         if precision == "int4" and options.weight_method in ("awq", "awq-gptq"):
             absmean = st.absmean.numpy().astype(np.float32)
             s, err, rtn = awq_search(rows[name], w[name], absmean, options.weight_block, partial(tie, reduce=np.mean))
             w.fold(name, s)
             rows[name] = rows[name] / s
-            if name in hessians:  # the folded input is x / s
-                hessians[name] = hessians[name] / np.outer(s, s)
+            if name in hessians:  # the folded input is x / s (in place: the same quotients, no second H)
+                np.divide(hessians[name], np.outer(s, s), out=hessians[name])
             info.update(awq_rel_err=float(f"{err:.3g}"), rtn_rel_err=float(f"{rtn:.3g}"))
         if precision == "int8":
             info["act_absmax"] = round(float(amax.max()), 4)
@@ -671,7 +673,7 @@ def quantize_names(names: list[str], w: Weights, rw: Rewriter, artifact_precisio
             if name in hessians:
                 try:
                     blocks, gi = quant_gptq.quantize(w[name], hessians.pop(name), options.weight_block,
-                                                     options.weight_clip, zp)
+                                                     options.weight_clip, zp, own_h=True)
                 except quant_gptq.GPTQError as e:
                     raise QuantizeError(f"{name}: {e}") from None
                 layers[name].update(gptq_proxy_err=float(f"{gi.proxy_err:.3g}"),
@@ -693,7 +695,7 @@ def quantize_names(names: list[str], w: Weights, rw: Rewriter, artifact_precisio
         w.arrays.pop(name)
     for name in wide:  # lm_head: it folds only into the final norm, and nothing folds into it
         layers[name] = quantize_wide(name, w, rw, module_precision(name, artifact_precision, options), options,
-                                     stats.modules[name])
+                                     stats.modules[name], consume=consume)
     for name, array in w.arrays.items():  # norms and the qkv bias that absorbed scales
         rw.replace(name, array)
     w.arrays.clear()
@@ -715,7 +717,7 @@ def chunk_columns(k: int) -> int:
 
 
 def quantize_wide(name: str, w: Weights, rw: Rewriter, precision: str, options: QuantOptions, st: Any,
-                  chunk: int | None = None) -> dict[str, Any]:
+                  chunk: int | None = None, consume: bool = False) -> dict[str, Any]:
     """:func:`quantize_names` for one very wide MatMul (the 151552 x 4096 output layer), a chunk of output
     columns at a time: int8 / fp8 scales are per output column and int4 blocks run down a column, so columns are
     independent and the result is the whole-matrix result, bit for bit (tests/test_quantize_wide.py). The
@@ -740,7 +742,7 @@ def quantize_wide(name: str, w: Weights, rw: Rewriter, precision: str, options: 
     if precision == "int4":
         x = st.sample_rows().numpy()
         if uses_gptq(options):
-            h = st.hessian().numpy()
+            h = (st.take_hessian() if consume else st.hessian()).numpy()
     if precision == "int4" and options.weight_method in ("awq", "awq-gptq"):
         cols = sample_columns(n)
         s, err, rtn = awq_search(x, w.columns(name, slice(None) if cols is None else cols),

@@ -358,7 +358,7 @@ def quantize_streamed(model_dir: Path, artifact: Path, precision: str, options: 
         rewriter.log = []
         start = writer.begin()
         section = quantize_names(groups[g], weights, rewriter, precision, options,
-                                 calibrate.Stats(modules, {}, 0, note))
+                                 calibrate.Stats(modules, {}, 0, note), consume=True)
         layers.update(section)
         writer.flush_graph(model.graph)
         head.close()
