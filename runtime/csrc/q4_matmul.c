@@ -344,7 +344,27 @@ static void gemm_avx512vnni(const Act *acts, int m0, int m1, const uint8_t *B, c
   free(E);
 }
 
-/* AVX2 without VNNI: maddubs (u8 x s8 -> s16 pairs; 15 * 127 * 2 * 2 < 32767, so no saturation) then madd. */
+/* AVX2 without VNNI: maddubs (u8 x s8 -> s16 pairs; 15 * 127 * 2 * 2 < 32767, so no saturation) then madd. A 64-element
+ * chunk (32 bytes of a row) gives 8 lanes of 8 elements each; lane L lies in block (8L)/bs of the chunk. Its weight
+ * scales: one broadcast from block 64 up, else 2 (block 32) or 4 (block 16) floats loaded whole and spread with a
+ * permute. (They were copied into a zeroed stack array and loaded back: a 16-byte load over a 4-byte store, which the
+ * CPU cannot forward, stalled every chunk; GLM-4-9B decode ran at a third of the bandwidth.) Two weight rows at a
+ * time share each activation load. */
+__attribute__((target("avx2,fma")))
+static inline __m256 chunk_scales256(const float *row_scales, int c, int bs, __m256i pidx) {
+  if (bs >= 64) return _mm256_set1_ps(row_scales[(64 * c) / bs]);
+  const float *p = row_scales + (64 * c) / bs;
+  const __m128 v = bs == 32 ? _mm_castpd_ps(_mm_load_sd((const double *)p)) : _mm_loadu_ps(p);
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), pidx);
+}
+
+__attribute__((target("avx2,fma")))
+static inline float hsum256(__m256 f) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
+  const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+}
+
 __attribute__((target("avx2,fma")))
 static void rows_avx2(const Act *a, const uint8_t *B, const float *S, int n0, int n1, float *y) {
   const int K = a->K, bs = a->bs, nb = K / bs, nc = K / 64;
@@ -352,27 +372,48 @@ static void rows_avx2(const Act *a, const uint8_t *B, const float *S, int n0, in
   int idx[8];
   for (int L = 0; L < 8; L++) idx[L] = bs <= 64 ? (8 * L) / bs : 0;
   const __m256i pidx = _mm256_loadu_si256((const __m256i *)idx);
-  const int ns = bs <= 64 ? 64 / bs : 1;
-  for (int n = n0; n < n1; n++) {
+#define Q4_DOT256(v, xe, xo, cr) \
+  _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16( \
+      _mm256_maddubs_epi16(_mm256_and_si256((v), m4), (xe)), \
+      _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16((v), 4), m4), (xo))), ones), (cr))
+  int n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    const uint8_t *w0 = B + (size_t)n * (K / 2), *w1 = w0 + K / 2;
+    const float *s0 = S + (size_t)n * nb, *s1 = s0 + nb;
+    __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
+    for (int c = 0; c < nc; c++) {
+      if ((c & 1) == 0) {
+        _mm_prefetch((const char *)(w0 + 32 * c + PREFETCH_AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w1 + 32 * c + PREFETCH_AHEAD), _MM_HINT_T0);
+      }
+      const __m256i xe = _mm256_loadu_si256((const __m256i *)(a->xe + 32 * c));
+      const __m256i xo = _mm256_loadu_si256((const __m256i *)(a->xo + 32 * c));
+      const __m256i cr = _mm256_loadu_si256((const __m256i *)(a->corr + 8 * c));
+      const __m256 sl = _mm256_loadu_ps(a->sl + 8 * c);
+      const __m256i d0 = Q4_DOT256(_mm256_loadu_si256((const __m256i *)(w0 + 32 * c)), xe, xo, cr);
+      const __m256i d1 = Q4_DOT256(_mm256_loadu_si256((const __m256i *)(w1 + 32 * c)), xe, xo, cr);
+      f0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d0), sl), chunk_scales256(s0, c, bs, pidx), f0);
+      f1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d1), sl), chunk_scales256(s1, c, bs, pidx), f1);
+    }
+    y[n] = hsum256(f0);
+    y[n + 1] = hsum256(f1);
+  }
+  for (; n < n1; n++) {
     const uint8_t *w = B + (size_t)n * (K / 2);
     const float *s = S + (size_t)n * nb;
     __m256 f0 = _mm256_setzero_ps();
     for (int c = 0; c < nc; c++) {
       if ((c & 1) == 0) _mm_prefetch((const char *)(w + 32 * c + PREFETCH_AHEAD), _MM_HINT_T0);
-      const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * c));
-      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-      const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(a->xe + 32 * c))),
-                                         _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a->xo + 32 * c))));
-      const __m256i acc = _mm256_add_epi32(_mm256_madd_epi16(p, ones), _mm256_loadu_si256((const __m256i *)(a->corr + 8 * c)));
-      float sv[4] = {0.f, 0.f, 0.f, 0.f};
-      memcpy(sv, s + (64 * c) / bs, sizeof(float) * (size_t)ns);
-      const __m256 sw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sv)), pidx);
-      f0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(a->sl + 8 * c)), sw, f0);
+      const __m256i d = Q4_DOT256(_mm256_loadu_si256((const __m256i *)(w + 32 * c)),
+                                  _mm256_loadu_si256((const __m256i *)(a->xe + 32 * c)),
+                                  _mm256_loadu_si256((const __m256i *)(a->xo + 32 * c)),
+                                  _mm256_loadu_si256((const __m256i *)(a->corr + 8 * c)));
+      f0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(a->sl + 8 * c)),
+                           chunk_scales256(s, c, bs, pidx), f0);
     }
-    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(f0), _mm256_extractf128_ps(f0, 1));
-    const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    y[n] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+    y[n] = hsum256(f0);
   }
+#undef Q4_DOT256
   if (K % 64) rows_scalar(a, B, S, n0, n1, y, nc * 8, 1);
 }
 
