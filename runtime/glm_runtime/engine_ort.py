@@ -178,17 +178,21 @@ class OrtEngine:
                 self.session, _ = self._create_session(threads, log_severity, requested,
                                                        kernel if q4_used else None, q4_used)
 
+    def _q4_kernel(self) -> cpu_kernel.Q4Kernel | None:
+        """The runtime's int4 kernel when this session runs its MatMulNBits on it (the library is loaded then)."""
+        return cpu_kernel.load(None) if self.int4_kernel and "glm-runtime" in self.int4_kernel else None
+
     def memory_reserved(self) -> int:
         """Bytes this engine is still about to allocate: the int4 weights queued for their huge-page copies (the
         file pages they replace count as available memory until then). The default KV budget leaves them."""
-        kernel = cpu_kernel.load(None) if self.int4_kernel and "glm-runtime" in self.int4_kernel else None
+        kernel = self._q4_kernel()
         return kernel.hugepage_queued_bytes() if kernel is not None else 0
 
     def settle(self, timeout: float = 120.0) -> float:
         """Run one-token steps until the int4 kernel's weights are all on their huge-page copies (they are made in
         the background after loading; docs/runtime.md, "Huge pages"), so what is measured next is the steady state,
         as llama-bench's warm-up run does for llama.cpp. Returns the seconds waited; a no-op without the kernel."""
-        kernel = cpu_kernel.load(None) if self.int4_kernel and "glm-runtime" in self.int4_kernel else None
+        kernel = self._q4_kernel()
         t0 = time.perf_counter()
         if kernel is None:
             return 0.0
