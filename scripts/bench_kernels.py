@@ -7,8 +7,11 @@
         ONNX's Attention alone at GLM-4-9B's decode shapes (32 query heads, 2 KV groups, head size 128, one query
         row at the end of a buffer of each size): ONNX Runtime's kernel vs the runtime's on each path, ms per
         decode step (40 layers), median of 50
-    python scripts/bench_kernels.py matmul [--isa native|avx512vnni]
+    python scripts/bench_kernels.py matmul [--isa native|avx512vnni|avx2]
         glm_q4_matmul on GLM-4-9B's prefill shapes (M = 512 or 128, block 128), GFLOP/s (best of 3)
+    python scripts/bench_kernels.py decode [--isa native|avx512vnni|avx2]
+        glm_q4_matmul at M = 1 on GLM-4-9B's widest shapes, blocks 128 and 32, over 8 distinct matrices per shape
+        (more than the L3), GB/s of weights and scales read (median of 5)
 
 2 threads. Run it alone on a quiet machine and name the CPU beside the numbers.
 """
@@ -113,6 +116,37 @@ def matmul(isa: str) -> None:
               f"{2 * m * k * n / best / 1e9:.0f} GFLOP/s")
 
 
+def decode() -> None:
+    from glm_runtime import cpu_kernel
+
+    lib = ctypes.CDLL(str(cpu_kernel.library_path()))
+    lib.glm_q4_isa.restype = ctypes.c_char_p
+    lib.glm_q4_set_threads(2)
+    rng = np.random.default_rng(0)
+    copies = 8
+    for k, n in [(4096, 27392), (13696, 4096)]:
+        for block in (128, 32):
+            ws = [rng.integers(0, 256, (n, k // 2), dtype=np.uint8) for _ in range(copies)]
+            ss = [rng.uniform(0.001, 0.05, (n, k // block)).astype(np.float32) for _ in range(copies)]
+            x = rng.standard_normal((1, k)).astype(np.float32)
+            y = np.empty((1, n), np.float32)
+            calls = [[x.ctypes.data_as(ctypes.c_void_p), 1, k, w.ctypes.data_as(ctypes.c_void_p),
+                      sc.ctypes.data_as(ctypes.c_void_p), n, block, y.ctypes.data_as(ctypes.c_void_p)]
+                     for w, sc in zip(ws, ss, strict=True)]
+            for args in calls:
+                lib.glm_q4_matmul(*args)
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for args in calls:
+                    lib.glm_q4_matmul(*args)
+                times.append(time.perf_counter() - t0)
+            t = float(np.median(times))
+            read = copies * (n * k // 2 + n * (k // block) * 4)
+            print(f"{lib.glm_q4_isa().decode()}: M=1 K={k} N={n} block {block}: {t / copies * 1e3:.2f} ms, "
+                  f"{read / t / 1e9:.1f} GB/s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -127,13 +161,15 @@ def main() -> None:
     at.add_argument("--batch", type=int, default=1)
     at.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     mm = sub.add_parser("matmul")
-    mm.add_argument("--isa", choices=("native", "avx512vnni"), default="native")
+    mm.add_argument("--isa", choices=("native", "avx512vnni", "avx2"), default="native")
+    dc = sub.add_parser("decode")
+    dc.add_argument("--isa", choices=("native", "avx512vnni", "avx2"), default="native")
     args = ap.parse_args()
-    if args.what == "matmul":
-        if args.isa != "native" and os.environ.get("GLM_Q4_ISA") != args.isa:
+    if args.what in ("matmul", "decode"):
+        if args.isa != "native" and os.environ.get("GLM_Q4_ISA") != args.isa:  # the library reads it once
             env = dict(os.environ, GLM_Q4_ISA=args.isa)
-            raise SystemExit(subprocess.call([sys.executable, __file__, "matmul"], env=env))
-        matmul(args.isa)
+            raise SystemExit(subprocess.call([sys.executable, __file__, args.what], env=env))
+        matmul(args.isa) if args.what == "matmul" else decode()
         return
     if args.what == "attention":
         slots = [int(v) for v in args.slots.split(",")]
